@@ -1,0 +1,63 @@
+"""netserve: the stdlib's socketserver as a drop-in, and what production servers need.
+
+``import netserve as socketserver`` runs existing socketserver code unchanged.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import socket as _socket
+
+from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
+from netserve._compat import install_as_socketserver, restore_socketserver
+from netserve._errors import AddressError, MissingExtraError, NetserveError, NetserveWarning
+from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._threading import ThreadingMixIn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # The stdlib's names, always present.
+    "BaseRequestHandler",
+    "BaseServer",
+    "DatagramRequestHandler",
+    "StreamRequestHandler",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "UDPServer",
+]
+
+if hasattr(_os, "fork"):
+    from netserve._combos import ForkingTCPServer, ForkingUDPServer
+    from netserve._forking import ForkingMixIn
+
+    __all__ += ["ForkingMixIn", "ForkingTCPServer", "ForkingUDPServer"]
+
+if hasattr(_socket, "AF_UNIX"):
+    from netserve._combos import ThreadingUnixDatagramServer, ThreadingUnixStreamServer
+    from netserve._servers import UnixDatagramServer, UnixStreamServer
+
+    __all__ += [
+        "ThreadingUnixDatagramServer",
+        "ThreadingUnixStreamServer",
+        "UnixDatagramServer",
+        "UnixStreamServer",
+    ]
+    if hasattr(_os, "fork"):
+        from netserve._combos import ForkingUnixDatagramServer, ForkingUnixStreamServer
+
+        __all__ += ["ForkingUnixDatagramServer", "ForkingUnixStreamServer"]
+
+__all__ += [
+    # netserve's own: running stdlib code on netserve.
+    "install_as_socketserver",
+    "restore_socketserver",
+    # netserve's own: errors and warnings.
+    "AddressError",
+    "MissingExtraError",
+    "NetserveError",
+    "NetserveWarning",
+]

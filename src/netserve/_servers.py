@@ -1,0 +1,335 @@
+"""The template-method core: BaseServer and the servers for each socket family.
+
+Theory of operation
+-------------------
+The public contract is the stdlib's chain of hooks, and user code overrides any
+link of it, so every step below goes through ``self.<hook>``:
+
+    handle_request / serve_forever
+      -> get_request -> verify_request -> process_request
+           -> finish_request (RequestHandlerClass(request, address, server))
+           -> shutdown_request -> close_request
+      errors: Exception -> handle_error, then shutdown_request;
+              any other BaseException -> shutdown_request, then re-raised
+
+Where netserve differs on purpose (each listed in the README):
+
+* ``serve_forever()`` also watches a wake-up socketpair (see ``_loop``), so
+  ``shutdown()`` returns at once and never deadlocks on the serving thread.
+* ``verify_request()`` runs inside the same error guard as ``process_request()``:
+  an exception there reaches ``handle_error()`` and the request is still shut
+  down, where the stdlib would let it escape ``serve_forever()`` and leak the
+  request's socket.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from netserve._loop import StopControl
+
+if TYPE_CHECKING:
+    from netserve._handlers import BaseRequestHandler
+
+__all__ = [
+    "BaseServer",
+    "TCPServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
+]
+
+# One readiness wait on one or two fds: poll(2) needs no kernel object per call,
+# which epoll would (a handle_request() call creates its selector afresh).
+_Selector: type[selectors.BaseSelector] = getattr(
+    selectors, "PollSelector", selectors.SelectSelector
+)
+
+# Typeshed spells a request as a connected socket (streams) or a
+# (data, server socket) pair (datagrams); addresses depend on the family.
+_Request = Any
+_Address = Any
+_HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
+
+_RULE = "-" * 40
+
+
+class BaseServer:
+    """The family-independent server: the request loop and its hooks.
+
+    Subclasses provide ``fileno()``, ``get_request()`` and, usually,
+    ``server_bind()``/``server_activate()``/``server_close()``.
+    """
+
+    timeout: float | None = None
+
+    def __init__(self, server_address: _Address, RequestHandlerClass: _HandlerFactory) -> None:
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self._netserve_stop = StopControl()
+
+    # -- hooks a concrete server supplies -------------------------------------------
+
+    def fileno(self) -> int:
+        """The file descriptor the request loop waits on."""
+        raise NotImplementedError(f"{type(self).__name__} must define fileno()")
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server; does nothing here."""
+
+    def server_close(self) -> None:
+        """Clean up the server; does nothing here."""
+
+    def get_request(self) -> tuple[_Request, _Address]:
+        """Take the next request off the socket: (request, client_address)."""
+        raise NotImplementedError(f"{type(self).__name__} must define get_request()")
+
+    def service_actions(self) -> None:
+        """Called on every pass of ``serve_forever()``; a hook for mix-ins."""
+
+    # -- serving -------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float | None = 0.5) -> None:
+        """Handle requests until ``shutdown()`` is called.
+
+        ``poll_interval`` only sets how often ``service_actions()`` runs while idle:
+        a shutdown wakes the loop at once.
+        """
+        stop = self._netserve_stop
+        waker = stop.enter_loop()
+        try:
+            with _Selector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(waker, selectors.EVENT_READ)
+                while not stop.requested():
+                    ready = selector.select(poll_interval)
+                    # A request that became ready together with the stop is left
+                    # in the backlog: the stop was asked for first.
+                    if stop.requested():
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            stop.leave_loop(waker)
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever()``.
+
+        From another thread, this waits until the loop has left. From the serving
+        thread (inside a handler), or when no loop is running, it only asks: the
+        running loop leaves after the current request, and a loop started later
+        returns at once.
+        """
+        self._netserve_stop.request_stop()
+
+    def handle_request(self) -> None:
+        """Wait for and handle one request, honouring ``timeout``.
+
+        The wait is the smaller of the socket's timeout and ``self.timeout`` (None
+        for either means no limit); ``handle_timeout()`` runs when it expires.
+        """
+        limit = self._request_wait_limit()
+        deadline = None if limit is None else time.monotonic() + limit
+        with _Selector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            while not selector.select(limit):
+                # select() can return early (a signal); wait out the remainder.
+                if deadline is not None:
+                    limit = deadline - time.monotonic()
+                    if limit < 0:
+                        self.handle_timeout()
+                        return
+        self._handle_request_noblock()
+
+    def _request_wait_limit(self) -> float | None:
+        sock: socket.socket | None = getattr(self, "socket", None)
+        socket_limit = None if sock is None else sock.gettimeout()
+        limits = [t for t in (socket_limit, self.timeout) if t is not None]
+        return min(limits) if limits else None
+
+    def _handle_request_noblock(self) -> None:
+        """Handle one request whose socket is known to be ready."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            # The client may have gone between readiness and accept(); the stdlib
+            # skips the request silently, and so do we.
+            return
+        try:
+            if self.verify_request(request, client_address):
+                self.process_request(request, client_address)
+            else:
+                self.shutdown_request(request)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def handle_timeout(self) -> None:
+        """Called when ``handle_request()`` times out; does nothing here."""
+
+    def verify_request(self, request: _Request, client_address: _Address) -> bool:
+        """Return False to refuse the request (it is then shut down unhandled)."""
+        return True
+
+    def process_request(self, request: _Request, client_address: _Address) -> None:
+        """Run the handler for one request, then shut the request down."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def finish_request(self, request: _Request, client_address: _Address) -> None:
+        """Instantiate ``RequestHandlerClass``, which handles the request."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: _Request) -> None:
+        """End one request; by default only closes it."""
+        self.close_request(request)
+
+    def close_request(self, request: _Request) -> None:
+        """Release one request's resources; does nothing here."""
+
+    def handle_error(self, request: _Request, client_address: _Address) -> None:
+        """Report an exception raised while processing a request.
+
+        The default output is the stdlib's: a rule, the client's address, the
+        traceback of the exception being handled, and a rule, on stderr.
+        """
+        err = sys.stderr
+        err.write(_RULE + "\n")
+        err.write(f"Exception occurred during processing of request from {client_address}\n")
+        traceback.print_exc(file=err)
+        err.write(f"{_RULE}\n")
+
+    # -- context manager -----------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.server_close()
+
+
+class TCPServer(BaseServer):
+    """A stream server: one connected socket per request."""
+
+    address_family: int = socket.AF_INET
+    socket_type: int = socket.SOCK_STREAM
+    # 3.15 raised the stdlib's default backlog to SOMAXCONN; follow the running
+    # interpreter so that netserve stays a drop-in on each version.
+    request_queue_size: int = socket.SOMAXCONN if sys.version_info >= (3, 15) else 5
+    allow_reuse_address: bool = False
+    allow_reuse_port: bool = False
+
+    def __init__(
+        self,
+        server_address: _Address,
+        RequestHandlerClass: _HandlerFactory,
+        bind_and_activate: bool = True,
+    ) -> None:
+        super().__init__(server_address, RequestHandlerClass)
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                # A failed bind or listen must not leak the descriptor.
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Apply the reuse options, bind, and record the bound address."""
+        sock = self.socket
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # SO_REUSEPORT means nothing to AF_UNIX; the stdlib applies it to IP only.
+        if (
+            self.allow_reuse_port
+            and hasattr(socket, "SO_REUSEPORT")
+            and self.address_family in (socket.AF_INET, socket.AF_INET6)
+        ):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(self.server_address)
+        # Port 0 (or an abstract Unix name) resolves to the real address here.
+        self.server_address = sock.getsockname()
+
+    def server_activate(self) -> None:
+        """Start listening with ``request_queue_size``."""
+        self.socket.listen(self.request_queue_size)
+
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
+
+    def fileno(self) -> int:
+        """The listening socket's file descriptor."""
+        return self.socket.fileno()
+
+    def get_request(self) -> tuple[Any, _Address]:
+        """Accept one connection."""
+        return self.socket.accept()
+
+    def shutdown_request(self, request: _Request) -> None:
+        """Half-close the connection so the peer sees EOF, then close it."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer may already have gone
+        self.close_request(request)
+
+    def close_request(self, request: _Request) -> None:
+        """Close the connection."""
+        request.close()
+
+
+class UDPServer(TCPServer):
+    """A datagram server: one datagram per request, replies through the server socket."""
+
+    socket_type: int = socket.SOCK_DGRAM
+    allow_reuse_address: bool = False
+    allow_reuse_port: bool = False
+    # Longer datagrams are truncated to this size, silently, as in the stdlib.
+    max_packet_size: int = 8192
+
+    def server_activate(self) -> None:
+        """Datagram sockets do not listen."""
+
+    def get_request(self) -> tuple[tuple[bytes, socket.socket], _Address]:
+        """Receive one datagram: ((data, server socket), client_address)."""
+        data, client_address = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket), client_address
+
+    def shutdown_request(self, request: _Request) -> None:
+        """Nothing to half-close: the socket is the server's."""
+        self.close_request(request)
+
+    def close_request(self, request: _Request) -> None:
+        """Nothing to close: the socket is the server's."""
+
+
+if hasattr(socket, "AF_UNIX"):
+
+    class UnixStreamServer(TCPServer):
+        """A stream server on a Unix-domain socket."""
+
+        address_family: int = socket.AF_UNIX
+
+    class UnixDatagramServer(UDPServer):
+        """A datagram server on a Unix-domain socket."""
+
+        address_family: int = socket.AF_UNIX
