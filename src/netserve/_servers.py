@@ -30,7 +30,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from netserve._loop import StopControl
@@ -215,12 +214,7 @@ class BaseServer:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *args: object) -> None:
         self.server_close()
 
 

@@ -1,0 +1,137 @@
+"""Shared fixtures: the leak check every test runs under, and serving helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# How long a thread the test started may take to finish after the test body.
+# It is a join timeout, not a sleep: a finished thread returns at once.
+THREAD_GRACE_S = 10.0
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor listdir itself used, closed by now
+    return fds
+
+
+def _child_pids() -> set[int]:
+    """Every process whose parent is this one, zombies included."""
+    me = os.getpid()
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rpartition(b")")[2].split()
+        if int(fields[1]) == me:
+            children.add(int(entry))
+    return children
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads, file descriptors or child processes behind."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    children_before = _child_pids()
+    yield
+    problems = []
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(THREAD_GRACE_S)
+        if thread.is_alive():
+            problems.append(f"thread {thread.name!r} still running")
+    # A socket nobody closed is found here (and its ResourceWarning is an error).
+    gc.collect()
+    leaked_fds = {fd: target for fd, target in _open_fds().items() if fd not in fds_before}
+    if leaked_fds:
+        problems.append(f"file descriptors left open: {leaked_fds}")
+    leaked_children = _child_pids() - children_before
+    for pid in leaked_children:
+        # Reap it so that one leak does not fail every later test too.
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    if leaked_children:
+        problems.append(f"child processes left running or unreaped: {sorted(leaked_children)}")
+    if problems:
+        pytest.fail(f"{request.node.nodeid} leaked: " + "; ".join(problems), pytrace=False)
+
+
+class Serving:
+    """A server running ``serve_forever()`` on a thread, stopped and closed on exit."""
+
+    def __init__(
+        self, server: Any, poll_interval: float | None = 0.5, *, close: bool = True
+    ) -> None:
+        self.server = server
+        self.close = close
+        self.thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True
+        )
+
+    @property
+    def address(self) -> Any:
+        return self.server.server_address
+
+    def __enter__(self) -> Serving:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.thread.join()
+        if self.close:
+            self.server.server_close()
+
+
+@pytest.fixture
+def unix_path() -> Iterator[str]:
+    """A path for a Unix socket in a fresh directory, removed afterwards."""
+    # pytest's tmp_path can exceed the 108 bytes of sun_path; this cannot.
+    with tempfile.TemporaryDirectory(prefix="ns-", dir="/tmp") as directory:
+        yield os.path.join(directory, "s")
+
+
+def connect(address: Any, family: int = socket.AF_INET) -> socket.socket:
+    """A client stream socket connected to ``address``, with a hard timeout."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Read until the peer closes."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite relies on /proc for its leak checks (Linux).
+    if not os.path.isdir("/proc/self/fd"):
+        raise pytest.UsageError("the netserve tests need Linux's /proc")

@@ -1,0 +1,154 @@
+"""ForkingMixIn: children handle requests, are bounded and reaped, and only ours."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import pytest
+
+import netserve
+from tests.conftest import Serving, connect, recv_all
+
+
+class PidEcho(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        self.wfile.write(b"%d %s" % (os.getpid(), line))
+
+
+def test_each_request_runs_in_a_child_and_is_reaped() -> None:
+    with netserve.ForkingTCPServer(("127.0.0.1", 0), PidEcho) as server:
+        with connect(server.server_address) as client:
+            client.sendall(b"hi\n")
+            server.handle_request()
+            pid, _, line = recv_all(client).partition(b" ")
+        assert line == b"hi\n"
+        assert int(pid) != os.getpid()
+        assert server.active_children == {int(pid)}
+    # server_close() waited: nothing left to reap (the leak check verifies too).
+    assert server.active_children == set()
+
+
+def test_max_children_bounds_the_running_children() -> None:
+    observed: list[int] = []
+
+    class Holding(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            # Hold until the client says so. (Not until EOF: the children
+            # inherit this process's client sockets, so a close is not an EOF.)
+            self.request.recv(100)
+
+    class Server(netserve.ForkingTCPServer):
+        max_children = 2
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            super().process_request(request, client_address)
+            observed.append(len(self.active_children or ()))
+
+    with Server(("127.0.0.1", 0), Holding) as server:
+        clients = [connect(server.server_address) for _ in range(3)]
+        try:
+            server.handle_request()
+            server.handle_request()
+            assert observed == [1, 2]
+            # The third request must wait for a child to end: end the first.
+            clients[0].sendall(b"bye")
+            server.handle_request()
+            assert observed == [1, 2, 2]
+        finally:
+            for client in clients:
+                client.sendall(b"bye")
+                client.close()
+
+
+def test_an_unrelated_child_is_not_reaped() -> None:
+    unrelated = os.fork()
+    if unrelated == 0:
+        os._exit(72)
+    try:
+        with Serving(netserve.ForkingTCPServer(("127.0.0.1", 0), PidEcho)) as serving:
+            for _ in range(3):
+                with connect(serving.address) as client:
+                    client.sendall(b"x\n")
+                    assert recv_all(client).endswith(b"x\n")
+    finally:
+        _, status = os.waitpid(unrelated, 0)
+    assert os.waitstatus_to_exitcode(status) == 72
+
+
+def test_child_errors_go_to_handle_error_in_the_child(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    class Failing(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            raise ValueError("in the child")
+
+    with netserve.ForkingTCPServer(("127.0.0.1", 0), Failing) as server:
+        with connect(server.server_address) as client:
+            server.handle_request()
+            assert recv_all(client) == b""
+    # The child's report reached the shared stderr before it exited.
+    err = capfd.readouterr().err
+    assert "Exception occurred during processing of request from" in err
+    assert "ValueError: in the child" in err
+
+
+def test_child_system_exit_is_not_reported(capfd: pytest.CaptureFixture[str]) -> None:
+    class Exiting(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            raise SystemExit(5)
+
+    with netserve.ForkingTCPServer(("127.0.0.1", 0), Exiting) as server:
+        with connect(server.server_address) as client:
+            server.handle_request()
+            assert recv_all(client) == b""
+    assert "Exception occurred" not in capfd.readouterr().err
+
+
+def test_child_exit_status_says_whether_the_handler_succeeded() -> None:
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            if self.rfile.readline() == b"fail\n":
+                raise ValueError("asked to fail")
+
+    class Server(netserve.ForkingTCPServer):
+        def collect_children(self, *, blocking: bool = False) -> None:
+            pass  # the test reaps them, to read their statuses
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # the report is not what this test is about
+
+    with Server(("127.0.0.1", 0), Handler) as server:
+        for line in (b"ok\n", b"fail\n"):
+            with connect(server.server_address) as client:
+                client.sendall(line)
+                server.handle_request()
+                assert recv_all(client) == b""
+    statuses = []
+    for pid in sorted(server.active_children or ()):
+        _, status = os.waitpid(pid, 0)
+        statuses.append(os.waitstatus_to_exitcode(status))
+    assert statuses == [0, 1]
+
+
+def test_forking_udp_server() -> None:
+    class Upper(netserve.DatagramRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.read().upper())
+
+    with netserve.ForkingUDPServer(("127.0.0.1", 0), Upper) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"fork", server.server_address)
+            server.handle_request()
+            assert client.recv(10) == b"FORK"
+
+
+def test_forking_unix_stream_server(unix_path: str) -> None:
+    with netserve.ForkingUnixStreamServer(unix_path, PidEcho) as server:
+        with connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(b"unix\n")
+            server.handle_request()
+            assert recv_all(client).endswith(b"unix\n")
