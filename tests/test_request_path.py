@@ -108,7 +108,12 @@ def test_refused_request_is_shut_down_without_handling() -> None:
         server.handle_request()
         assert recv_all(client) == b""  # the server closed it
     assert handled == []
-    assert server.calls[2:] == ["get_request", "verify_request", "shutdown_request", "close_request"]
+    assert server.calls[2:] == [
+        "get_request",
+        "verify_request",
+        "shutdown_request",
+        "close_request",
+    ]
 
 
 def test_exception_goes_to_handle_error_then_shutdown_request() -> None:

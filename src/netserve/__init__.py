@@ -3,7 +3,6 @@
 ``import netserve as socketserver`` runs existing socketserver code unchanged.
 """
 
-
 import os as _os
 import socket as _socket
 

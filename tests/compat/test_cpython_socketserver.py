@@ -53,8 +53,7 @@ def _cases(suite: unittest.TestSuite) -> Iterator[unittest.TestCase]:
 
 
 _CASES = {
-    case.id(): case
-    for case in _cases(unittest.defaultTestLoader.loadTestsFromModule(_MODULE))
+    case.id(): case for case in _cases(unittest.defaultTestLoader.loadTestsFromModule(_MODULE))
 }
 
 

@@ -1,0 +1,95 @@
+"""Each example under examples/ runs and prints what the documentation shows."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@contextmanager
+def running_server(name: str) -> Iterator[tuple[int, list[str]]]:
+    """Start an example server on a port the OS picks; yield (port, its output)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name)],
+        env=_env(PORT="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()  # blocks until the server is listening
+        match = re.fullmatch(r"Listening on port (\d+)\n", banner)
+        assert match, banner + proc.stderr.read() if proc.stderr else banner
+        yield int(match[1]), output
+    finally:
+        # Ctrl-C, as the documentation says.
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        output.extend(out.splitlines())
+
+
+def run_client(name: str, port: int, *words: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *words],
+        env=_env(PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout
+
+
+@pytest.mark.parametrize("server", ["tcp_server.py", "tcp_server_stream.py"])
+def test_tcp_server_and_client(server: str) -> None:
+    with running_server(server) as (port, server_output):
+        first = run_client("tcp_client.py", port, "hello", "world and more")
+        second = run_client("tcp_client.py", port, "python", "is", "nice")
+    assert first == "Sent:     hello world and more\nReceived: HELLO WORLD AND MORE\n"
+    assert second == "Sent:     python is nice\nReceived: PYTHON IS NICE\n"
+    assert server_output == [
+        "127.0.0.1 wrote:",
+        "b'hello world and more'",
+        "127.0.0.1 wrote:",
+        "b'python is nice'",
+    ]
+
+
+def test_udp_server_and_client() -> None:
+    with running_server("udp_server.py") as (port, server_output):
+        reply = run_client("udp_client.py", port, "hello", "udp")
+    assert reply == "Sent:     hello udp\nReceived: HELLO UDP\n"
+    assert server_output == ["127.0.0.1 wrote:", "b'hello udp'"]
+
+
+def test_threaded_tcp_server() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "threaded_tcp_server.py")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"Server loop running in thread: Thread-1( \(serve_forever\))?", lines[0])
+    assert len(lines) == 4
+    for n, line in enumerate(lines[1:], start=1):
+        pattern = rf"Received: Thread-{n + 1}( \(process_request_thread\))?: Hello World {n}"
+        assert re.fullmatch(pattern, line), line
