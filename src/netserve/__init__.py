@@ -9,7 +9,20 @@ import socket as _socket
 from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
 from netserve._compat import install_as_socketserver, restore_socketserver
 from netserve._errors import AddressError, MissingExtraError, NetserveError, NetserveWarning
+from netserve._green import (
+    GreenMixIn,
+    GreenSocket,
+    GreenTCPServer,
+    GreenUDPServer,
+    green_sleep,
+)
 from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from netserve._pool import (
+    PoolStatistics,
+    ThreadPoolMixIn,
+    ThreadPoolTCPServer,
+    ThreadPoolUDPServer,
+)
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._threading import ThreadingMixIn
 
@@ -48,6 +61,29 @@ if hasattr(_socket, "AF_UNIX"):
         from netserve._combos import ForkingUnixDatagramServer, ForkingUnixStreamServer
 
         __all__ += ["ForkingUnixDatagramServer", "ForkingUnixStreamServer"]
+
+__all__ += [
+    # netserve's own: concurrency models.
+    "GreenMixIn",
+    "GreenSocket",
+    "GreenTCPServer",
+    "GreenUDPServer",
+    "green_sleep",
+    "PoolStatistics",
+    "ThreadPoolMixIn",
+    "ThreadPoolTCPServer",
+    "ThreadPoolUDPServer",
+]
+if hasattr(_socket, "AF_UNIX"):
+    from netserve._green import GreenUnixDatagramServer, GreenUnixStreamServer
+    from netserve._pool import ThreadPoolUnixDatagramServer, ThreadPoolUnixStreamServer
+
+    __all__ += [
+        "GreenUnixDatagramServer",
+        "GreenUnixStreamServer",
+        "ThreadPoolUnixDatagramServer",
+        "ThreadPoolUnixStreamServer",
+    ]
 
 __all__ += [
     # netserve's own: running stdlib code on netserve.

@@ -26,7 +26,16 @@ from __future__ import annotations
 import socket
 import threading
 
-__all__ = ["StopControl"]
+__all__ = ["StopControl", "drain"]
+
+
+def drain(reader: socket.socket) -> None:
+    """Empty the wake-up socket, so that a level-triggered wait blocks again."""
+    try:
+        while reader.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 class StopControl:
@@ -76,6 +85,15 @@ class StopControl:
             if writer is not None:
                 writer.close()
             self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Wake the loop without asking it to stop (it runs another pass)."""
+        with self._changed:
+            if self._waker is not None:
+                try:
+                    self._waker.send(b"\0")
+                except BlockingIOError:
+                    pass  # already being woken
 
     def request_stop(self) -> None:
         """Ask the loop to stop; wait for it when that cannot deadlock."""

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
-from netserve._loop import StopControl
+from netserve._loop import StopControl, drain
 
 if TYPE_CHECKING:
     from netserve._handlers import BaseRequestHandler
@@ -58,6 +58,8 @@ _Address = Any
 _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
 _RULE = "-" * 40
+# Marks the wake-up socket among the selector's keys.
+_WAKER = "netserve-waker"
 
 
 class BaseServer:
@@ -104,20 +106,51 @@ class BaseServer:
         stop = self._netserve_stop
         waker = stop.enter_loop()
         try:
-            with _Selector() as selector:
+            with self._netserve_selector() as selector:
                 selector.register(self, selectors.EVENT_READ)
-                selector.register(waker, selectors.EVENT_READ)
-                while not stop.requested():
-                    ready = selector.select(poll_interval)
-                    # A request that became ready together with the stop is left
-                    # in the backlog: the stop was asked for first.
-                    if stop.requested():
-                        break
-                    if any(key.fileobj is self for key, _ in ready):
-                        self._handle_request_noblock()
-                    self.service_actions()
+                selector.register(waker, selectors.EVENT_READ, _WAKER)
+                self._netserve_loop_started(selector)
+                try:
+                    while not stop.requested():
+                        wait = self._netserve_before_wait(selector, poll_interval)
+                        ready = selector.select(wait)
+                        # A request that became ready together with the stop is
+                        # left in the backlog: the stop was asked for first.
+                        if stop.requested():
+                            break
+                        for key, _ in ready:
+                            if key.data is None:
+                                self._handle_request_noblock()
+                            elif key.data is _WAKER:
+                                drain(waker)
+                            else:
+                                self._netserve_ready(key)
+                        self.service_actions()
+                finally:
+                    self._netserve_loop_stopped(selector)
         finally:
             stop.leave_loop(waker)
+
+    # -- netserve's private extension points for its own mix-ins --------------------
+    # The listener is registered with data None; a mix-in registers its own file
+    # objects with other data and receives their readiness in _netserve_ready().
+
+    def _netserve_selector(self) -> selectors.BaseSelector:
+        return _Selector()
+
+    def _netserve_loop_started(self, selector: selectors.BaseSelector) -> None:
+        pass
+
+    def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
+        pass
+
+    def _netserve_before_wait(
+        self, selector: selectors.BaseSelector, poll_interval: float | None
+    ) -> float | None:
+        return poll_interval
+
+    def _netserve_ready(self, key: selectors.SelectorKey) -> None:
+        raise AssertionError(f"no handler for readiness of {key.fileobj!r}")
 
     def shutdown(self) -> None:
         """Stop ``serve_forever()``.
@@ -154,14 +187,18 @@ class BaseServer:
         limits = [t for t in (socket_limit, self.timeout) if t is not None]
         return min(limits) if limits else None
 
-    def _handle_request_noblock(self) -> None:
-        """Handle one request whose socket is known to be ready."""
+    def _handle_request_noblock(self) -> bool:
+        """Handle one request whose socket is known to be ready.
+
+        Returns False when there was none to take (netserve's loops use this to
+        accept in batches; the stdlib returns nothing).
+        """
         try:
             request, client_address = self.get_request()
         except OSError:
             # The client may have gone between readiness and accept(); the stdlib
             # skips the request silently, and so do we.
-            return
+            return False
         try:
             if self.verify_request(request, client_address):
                 self.process_request(request, client_address)
@@ -173,6 +210,7 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
+        return True
 
     def handle_timeout(self) -> None:
         """Called when ``handle_request()`` times out; does nothing here."""

@@ -1,0 +1,526 @@
+"""GreenMixIn: each request in a greenlet on a hub, and the cooperative socket.
+
+Handler code stays blocking-style: ``self.request`` is a ``GreenSocket``, a
+``socket.socket`` whose waits (recv, send, ...) suspend the handler's greenlet
+and let the hub run the others, with the stdlib's timeout semantics
+(``settimeout``/``gettimeout``, ``TimeoutError``). ``rfile``/``wfile`` of
+``StreamRequestHandler`` sit on top of it unchanged.
+
+What still stalls the hub (every other connection waits while it runs): any
+blocking call that does not go through ``self.request``, such as
+``time.sleep()`` (use ``netserve.green_sleep()``), a socket the handler opens
+itself, a database driver, ``subprocess`` waits, DNS look-ups, file I/O on slow
+disks, long CPU-bound work. netserve does not monkeypatch: run such calls in a
+thread pool, or use the thread-pool model.
+
+Hooks overridden: ``serve_forever`` (accepting happens on the hub's thread),
+``process_request``, ``server_close``. Attributes read:
+``park_until_readable``, ``park_timeout``, ``daemon_threads`` (the hub
+thread's), ``block_on_close``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from netserve._errors import MissingExtraError
+from netserve._loop import drain
+from netserve._servers import TCPServer, UDPServer
+
+try:
+    import greenlet
+
+    from netserve._hub import Hub, current_hub
+except ImportError as exc:  # the [green] extra is not installed
+    if exc.name != "greenlet":
+        raise
+    greenlet = None
+    Hub = current_hub = None  # type: ignore[assignment, misc]
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from netserve._hub import Timer
+
+    # Typed as a stream server so that mypy checks the hooks it calls; the
+    # datagram servers derive from TCPServer too.
+    _MixInBase = TCPServer
+else:
+    _MixInBase = object
+
+__all__ = [
+    "GreenMixIn",
+    "GreenSocket",
+    "GreenTCPServer",
+    "GreenUDPServer",
+    "green_sleep",
+]
+
+# Passed to a waiting greenlet whose socket was closed under it.
+_CLOSED = object()
+
+_recv = socket.socket.recv
+_recv_into = socket.socket.recv_into
+_recvfrom = socket.socket.recvfrom
+_recvfrom_into = socket.socket.recvfrom_into
+_send = socket.socket.send
+_sendto = socket.socket.sendto
+_fileno = socket.socket.fileno
+_base_setblocking = socket.socket.setblocking
+
+
+def green_sleep(seconds: float) -> None:
+    """Sleep without stalling the hub; a plain ``time.sleep()`` anywhere else."""
+    hub = None if current_hub is None else current_hub()
+    if hub is None or greenlet.getcurrent() is hub.greenlet:
+        time.sleep(seconds)
+    else:
+        hub.sleep(seconds)
+
+
+class GreenSocket(socket.socket):
+    """A socket whose blocking operations suspend the calling greenlet.
+
+    It takes over the descriptor of an accepted socket. At the system level it
+    is always non-blocking; ``settimeout()``/``setblocking()`` set what the
+    caller sees, as on a plain socket.
+    """
+
+    __slots__ = ("_green_timeout", "_hub", "_readable", "_reader", "_stream", "_writer")
+
+    def __init__(self, hub: Hub, sock: socket.socket) -> None:
+        timeout = sock.gettimeout()
+        family, kind, proto = sock.family, sock.type, sock.proto
+        fd = sock.detach()
+        super().__init__(family, kind, proto, fd)
+        _base_setblocking(self, False)
+        self._green_timeout = timeout
+        self._hub = hub
+        self._reader: Any = None
+        self._writer: Any = None
+        # Unknown at first, so the first read tries at once (rule 2 of _hub).
+        self._readable = True
+        self._stream = kind == socket.SOCK_STREAM
+        hub.register(fd, self)
+
+    # -- timeouts, as the caller sees them ---------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0:
+                raise ValueError("Timeout value out of range")
+        self._green_timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._green_timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._green_timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._green_timeout != 0.0
+
+    @property
+    def timeout(self) -> float | None:
+        return self._green_timeout
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        timeout = self._green_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _wait(self, write: bool, deadline: float | None) -> None:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        outcome = self._hub.wait(self, write=write, timeout=timeout)
+        if outcome is None:
+            return
+        if outcome is _CLOSED:
+            raise OSError(errno.EBADF, "the socket was closed while waiting on it")
+        raise TimeoutError("timed out")
+
+    # -- reading -----------------------------------------------------------------------
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        # The hot path of rfile: kept flat on purpose.
+        if self._green_timeout == 0.0:
+            return _recv_into(self, buffer, nbytes, flags)
+        deadline = self._deadline() if self._green_timeout is not None else None
+        if not self._readable:
+            self._wait(False, deadline)
+        while True:
+            try:
+                count = _recv_into(self, buffer, nbytes, flags)
+            except BlockingIOError:
+                self._readable = False
+                self._wait(False, deadline)
+                continue
+            if self._stream and not flags and 0 < count < (nbytes or len(buffer)):  # type: ignore[arg-type]
+                self._readable = False  # a short read drained the queue
+            return count
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._green_timeout == 0.0:
+            return _recv(self, bufsize, flags)
+        deadline = self._deadline() if self._green_timeout is not None else None
+        if not self._readable:
+            self._wait(False, deadline)
+        while True:
+            try:
+                data = _recv(self, bufsize, flags)
+            except BlockingIOError:
+                self._readable = False
+                self._wait(False, deadline)
+                continue
+            if self._stream and not flags and 0 < len(data) < bufsize:
+                self._readable = False
+            return data
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        deadline = self._deadline()
+        while True:
+            try:
+                return _recvfrom(self, bufsize, flags)
+            except BlockingIOError:
+                if self._green_timeout == 0.0:
+                    raise
+                self._wait(False, deadline)
+
+    def recvfrom_into(
+        self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, Any]:
+        deadline = self._deadline()
+        while True:
+            try:
+                return _recvfrom_into(self, buffer, nbytes, flags)
+            except BlockingIOError:
+                if self._green_timeout == 0.0:
+                    raise
+                self._wait(False, deadline)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+        deadline = None
+        while True:
+            try:
+                return _send(self, data, flags)
+            except BlockingIOError:
+                if self._green_timeout == 0.0:
+                    raise
+                if deadline is None:
+                    deadline = self._deadline()
+                self._wait(True, deadline)
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0) -> None:
+        # The hot path of wfile: one send() takes everything almost always.
+        try:
+            sent = _send(self, data, flags)
+        except BlockingIOError:
+            if self._green_timeout == 0.0:
+                raise
+            sent = 0
+        kind = type(data)
+        if (kind is bytes or kind is bytearray) and sent == len(data):  # type: ignore[arg-type]
+            return
+        with memoryview(data) as whole, whole.cast("B") as view:
+            if sent == view.nbytes:
+                return
+            deadline = self._deadline()
+            while sent < view.nbytes:
+                try:
+                    sent += _send(self, view[sent:], flags)
+                except BlockingIOError:
+                    if self._green_timeout == 0.0:
+                        raise
+                    self._wait(True, deadline)
+
+    def sendto(self, data: ReadableBuffer, *args: Any) -> int:
+        deadline = None
+        while True:
+            try:
+                return _sendto(self, data, *args)
+            except BlockingIOError:
+                if self._green_timeout == 0.0:
+                    raise
+                if deadline is None:
+                    deadline = self._deadline()
+                self._wait(True, deadline)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        # os.sendfile() would wait for writability in a blocking select(); read
+        # and send in chunks instead, cooperatively.
+        if offset:
+            file.seek(offset)
+        total = 0
+        while count is None or total < count:
+            size = 65536 if count is None else min(65536, count - total)
+            chunk = file.read(size)
+            if not chunk:
+                break
+            self.sendall(chunk)
+            total += len(chunk)
+        return total
+
+    # -- closing -----------------------------------------------------------------------
+
+    def _real_close(self, _ss: Any = socket.socket) -> None:
+        fd = _fileno(self)
+        if fd >= 0:
+            self._hub.forget(fd, self)
+        self._wake_waiters()
+        socket.socket._real_close(self)  # type: ignore[attr-defined]
+
+    def detach(self) -> int:
+        fd = _fileno(self)
+        if fd >= 0:
+            self._hub.forget(fd, self)
+        self._wake_waiters()
+        return super().detach()
+
+    def _wake_waiters(self) -> None:
+        hub = self._hub
+        for waiter in (self._reader, self._writer):
+            if waiter is not None and not isinstance(waiter, _Starter):
+                if hub.on_hub_thread():
+                    hub.schedule(waiter, _CLOSED)
+                else:
+                    hub.call_soon_threadsafe(lambda w=waiter: w.switch(_CLOSED))  # type: ignore[misc]
+        self._reader = self._writer = None
+
+
+class _Starter:
+    """Sits where a parked connection's reader would: its first event starts
+    the handler's greenlet."""
+
+    __slots__ = ("address", "server", "sock", "timer")
+
+    def __init__(self, server: GreenMixIn, sock: GreenSocket, address: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.address = address
+        self.timer: Timer | None = None
+
+    def switch(self, *args: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        server = self.server
+        server._green_parked.discard(self.sock)
+        server._green_spawn(self.sock, self.address)
+
+
+class GreenMixIn(_MixInBase):
+    """Handle each request in a greenlet on a hub owned by the server."""
+
+    # A stream connection gets its greenlet (and handler) only once it has sent
+    # something: an idle connection costs a socket, not a handler. Set False for
+    # protocols where the server speaks first.
+    park_until_readable: bool = True
+    # Close a parked connection that sent nothing for this long (None: never).
+    park_timeout: float | None = None
+    # The hub thread is a daemon thread (the interpreter does not wait for it).
+    daemon_threads: bool = False
+    # server_close() waits for the running handlers to finish; otherwise it
+    # ends them (GreenletExit: their finally blocks and finish() still run).
+    block_on_close: bool = True
+    # Connections accepted per readiness event of the listener.
+    accept_batch: int = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if Hub is None:
+            raise MissingExtraError(type(self).__name__, "green", "greenlet")
+        self._green_hub = Hub(daemon=self.daemon_threads)
+        self._green_greenlets: set[Any] = set()
+        self._green_parked: set[GreenSocket] = set()
+        self._green_dgram: GreenSocket | None = None
+        self._green_saved_timeout: float | None = None
+        self._green_park_timeouts = 0
+        super().__init__(*args, **kwargs)
+
+    # -- serving -----------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float | None = 0.5) -> None:
+        """Accept on the hub until ``shutdown()``; handlers run on the hub's thread.
+
+        This thread only waits: it runs ``service_actions()`` every
+        ``poll_interval`` seconds, and leaves at once when ``shutdown()`` is called.
+        """
+        stop = self._netserve_stop
+        waker = stop.enter_loop()
+        hub = self._green_hub
+        try:
+            hub.run_sync(self._green_start_accepting)
+            try:
+                with select.epoll() as wait:
+                    wait.register(waker.fileno(), select.EPOLLIN)
+                    while not stop.requested():
+                        wait.poll(-1 if poll_interval is None else poll_interval)
+                        if stop.requested():
+                            break
+                        drain(waker)
+                        self.service_actions()
+            finally:
+                hub.run_sync(self._green_stop_accepting)
+        finally:
+            stop.leave_loop(waker)
+
+    def _green_start_accepting(self) -> None:
+        hub = self._green_hub
+        self._green_saved_timeout = self.socket.gettimeout()
+        self.socket.setblocking(False)
+        hub.watch(self.socket.fileno(), self._green_accept)
+        hub.hold()
+
+    def _green_stop_accepting(self) -> None:
+        hub = self._green_hub
+        hub.release()
+        if self.socket.fileno() >= 0:
+            hub.unwatch(self.socket.fileno())
+            self.socket.settimeout(self._green_saved_timeout)
+
+    def _green_accept(self) -> None:
+        # Drain the backlog in batches (the listener is non-blocking while
+        # serving; an empty backlog ends the batch).
+        for _ in range(self.accept_batch):
+            if not self._handle_request_noblock():
+                break
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the request's greenlet on the hub (from any thread)."""
+        hub = self._green_hub
+        if hub.on_hub_thread():
+            self._green_start(request, client_address)
+        else:
+            # handle_request() on another thread: the hub takes it from here.
+            hub.call_soon_threadsafe(lambda: self._green_start_guarded(request, client_address))
+
+    def _green_start_guarded(self, request: Any, client_address: Any) -> None:
+        try:
+            self._green_start(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def _green_start(self, request: Any, client_address: Any) -> None:
+        hub = self._green_hub
+        # Counted once here, uncounted when its greenlet ends or it is unparked:
+        # the hub's thread lives while this is above zero.
+        hub.active += 1
+        if isinstance(request, socket.socket):
+            request = GreenSocket(hub, request)
+            if self.park_until_readable and request._stream:
+                self._green_park(request, client_address)
+                return
+        elif isinstance(request, tuple) and request[1] is self.socket:
+            request = (request[0], self._green_datagram_socket())
+        self._green_spawn(request, client_address)
+
+    def _green_park(self, sock: GreenSocket, client_address: Any) -> None:
+        hub = self._green_hub
+        starter = _Starter(self, sock, client_address)
+        sock._reader = starter
+        self._green_parked.add(sock)
+        if self.park_timeout is not None:
+            starter.timer = hub.call_later(self.park_timeout, self._green_park_expired, starter)
+
+    def _green_park_expired(self, starter: _Starter) -> None:
+        if starter.sock in self._green_parked:
+            self._green_park_timeouts += 1
+            self._green_unpark(starter.sock)
+
+    def _green_unpark(self, sock: GreenSocket) -> None:
+        """Close a parked connection that never got a handler."""
+        self._green_parked.discard(sock)
+        sock._reader = None
+        self._green_hub.active -= 1
+        self.shutdown_request(sock)
+
+    def _green_datagram_socket(self) -> GreenSocket:
+        # Replies go out through the server's socket: a cooperative view of it,
+        # on a duplicate descriptor (which shares its non-blocking mode).
+        if self._green_dgram is None:
+            self._green_dgram = GreenSocket(
+                self._green_hub, socket.socket(fileno=os.dup(self.socket.fileno()))
+            )
+        return self._green_dgram
+
+    def _green_spawn(self, request: Any, client_address: Any) -> None:
+        child = greenlet.greenlet(self._green_run, parent=self._green_hub.greenlet)
+        self._green_greenlets.add(child)
+        child.switch(request, client_address)
+
+    def _green_run(self, request: Any, client_address: Any) -> None:
+        try:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+        except greenlet.GreenletExit:
+            pass  # ended by server_close(); the request is shut down
+        except BaseException as exc:
+            # As for a request thread: report it and carry on serving.
+            threading.excepthook(
+                threading.ExceptHookArgs(
+                    (type(exc), exc, exc.__traceback__, threading.current_thread())
+                )
+            )
+        finally:
+            self._green_greenlets.discard(greenlet.getcurrent())
+            self._green_hub.active -= 1
+
+    def green_statistics(self) -> dict[str, int]:
+        """Counts for monitoring: handlers running, connections parked, timeouts."""
+        return {
+            "handlers": len(self._green_greenlets),
+            "parked": len(self._green_parked),
+            "park_timeouts": self._green_park_timeouts,
+        }
+
+    # -- closing -----------------------------------------------------------------------
+
+    def server_close(self) -> None:
+        """Close the listener; wait for the handlers (``block_on_close``) or end them."""
+        super().server_close()
+        hub = self._green_hub
+        if hub.thread is not None:
+            hub.run_sync(self._green_close_on_hub)
+        hub.close()  # returns once the last handler has finished
+        if self._green_dgram is not None:
+            self._green_dgram.close()
+            self._green_dgram = None
+
+    def _green_close_on_hub(self) -> None:
+        for sock in list(self._green_parked):
+            self._green_unpark(sock)
+        if not self.block_on_close:
+            for child in list(self._green_greenlets):
+                child.throw()  # GreenletExit: finally blocks run, requests close
+
+
+class GreenTCPServer(GreenMixIn, TCPServer):
+    """A TCP server whose handlers run in greenlets on a hub."""
+
+
+class GreenUDPServer(GreenMixIn, UDPServer):
+    """A UDP server whose handlers run in greenlets on a hub."""
+
+
+if hasattr(socket, "AF_UNIX"):
+    from netserve._servers import UnixDatagramServer, UnixStreamServer
+
+    __all__ += ["GreenUnixDatagramServer", "GreenUnixStreamServer"]
+
+    class GreenUnixStreamServer(GreenMixIn, UnixStreamServer):
+        """A Unix stream server whose handlers run in greenlets on a hub."""
+
+    class GreenUnixDatagramServer(GreenMixIn, UnixDatagramServer):
+        """A Unix datagram server whose handlers run in greenlets on a hub."""
