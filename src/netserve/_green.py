@@ -92,7 +92,15 @@ class GreenSocket(socket.socket):
     caller sees, as on a plain socket.
     """
 
-    __slots__ = ("_green_timeout", "_hub", "_readable", "_reader", "_stream", "_writer")
+    __slots__ = (
+        "_green_timeout",
+        "_hangup",
+        "_hub",
+        "_readable",
+        "_reader",
+        "_stream",
+        "_writer",
+    )
 
     def __init__(self, hub: Hub, sock: socket.socket) -> None:
         timeout = sock.gettimeout()
@@ -106,6 +114,7 @@ class GreenSocket(socket.socket):
         self._writer: Any = None
         # Unknown at first, so the first read tries at once (rule 2 of _hub).
         self._readable = True
+        self._hangup = False
         self._stream = kind == socket.SOCK_STREAM
         hub.register(fd, self)
 
@@ -162,8 +171,9 @@ class GreenSocket(socket.socket):
                 self._readable = False
                 self._wait(False, deadline)
                 continue
-            if self._stream and not flags and 0 < count < (nbytes or len(buffer)):  # type: ignore[arg-type]
-                self._readable = False  # a short read drained the queue
+            if 0 < count < (nbytes or len(buffer)) and self._stream and not flags:  # type: ignore[arg-type]
+                # A short read drained the queue (unless the peer hung up).
+                self._readable = self._hangup
             return count
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -179,8 +189,8 @@ class GreenSocket(socket.socket):
                 self._readable = False
                 self._wait(False, deadline)
                 continue
-            if self._stream and not flags and 0 < len(data) < bufsize:
-                self._readable = False
+            if 0 < len(data) < bufsize and self._stream and not flags:
+                self._readable = self._hangup
             return data
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
@@ -244,6 +254,7 @@ class GreenSocket(socket.socket):
 
     def sendto(self, data: ReadableBuffer, *args: Any) -> int:
         deadline = None
+        attempt = 0
         while True:
             try:
                 return _sendto(self, data, *args)
@@ -252,7 +263,24 @@ class GreenSocket(socket.socket):
                     raise
                 if deadline is None:
                     deadline = self._deadline()
-                self._wait(True, deadline)
+                if self._stream:
+                    self._wait(True, deadline)
+                else:
+                    self._retry_later(attempt, deadline)
+                    attempt += 1
+
+    def _retry_later(self, attempt: int, deadline: float | None) -> None:
+        # A datagram send fails with EAGAIN when the *receiver's* queue is full
+        # (AF_UNIX: net.unix.max_dgram_qlen), and Linux sends no EPOLLOUT when
+        # that queue drains for an unconnected socket: waiting for the edge
+        # could wait forever. Retry after a short, growing pause instead.
+        pause = min(0.05, 0.0005 * (2**attempt))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            pause = min(pause, remaining)
+        self._hub.sleep(pause)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         # os.sendfile() would wait for writability in a blocking select(); read
@@ -332,6 +360,10 @@ class GreenMixIn(_MixInBase):
     block_on_close: bool = True
     # Connections accepted per readiness event of the listener.
     accept_batch: int = 64
+    # A new model need not keep the stdlib's backlog of 5, which overflows as
+    # soon as connections arrive faster than one scheduling slice (each overflow
+    # costs the client a SYN retransmission, a second or more).
+    request_queue_size: int = socket.SOMAXCONN
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if Hub is None:

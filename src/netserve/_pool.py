@@ -77,6 +77,9 @@ class PoolStatistics:
     errors: int
     #: Parked connections closed because they stayed silent past park_timeout.
     park_timeouts: int
+    #: Whether the serving loop is accepting (False: the queue is full, or no
+    #: loop is running).
+    accepting: bool
 
 
 class _Pool:
@@ -126,10 +129,13 @@ class _Pool:
         if self.idle:
             self.work_ready.notify()
         elif len(self.threads) < self.max_workers:
-            thread = threading.Thread(target=self._work, name="netserve-pool-worker")
-            thread.daemon = self.daemon
-            self.threads.add(thread)
-            thread.start()
+            self._start_worker_locked()
+
+    def _start_worker_locked(self) -> None:
+        thread = threading.Thread(target=self._work, name="netserve-pool-worker")
+        thread.daemon = self.daemon
+        self.threads.add(thread)
+        thread.start()
 
     def _work(self) -> None:
         server = self.server
@@ -158,18 +164,26 @@ class _Pool:
                         self.busy -= 1
                         self.handled += 1
         finally:
-            # Also when a handler's SystemExit ends this thread: the next job
-            # starts a replacement.
+            # Also when a handler's SystemExit ends this thread. A job queued
+            # while this thread still counted as a worker would find no one to
+            # take it: start the replacement now.
             with self.lock:
                 self.threads.discard(threading.current_thread())
+                if self.jobs and not self.idle:
+                    self._start_worker_locked()
 
     def close(self, *, wait: bool) -> None:
         """Let the workers finish what is queued, then end; join them if ``wait``."""
         with self.lock:
             self.closing = True
             self.work_ready.notify_all()
-            threads = list(self.threads)
-        if wait:
+        # Join until none is left: a worker ended by SystemExit may have started
+        # a replacement meanwhile.
+        while wait:
+            with self.lock:
+                threads = list(self.threads)
+            if not threads:
+                break
             for thread in threads:
                 thread.join()
 
@@ -196,6 +210,8 @@ class ThreadPoolMixIn(_MixInBase):
     # Close a parked connection that sent nothing for this long (None: never).
     park_timeout: float | None = None
     daemon_threads: bool = False
+    # Excess connections wait in the kernel's backlog (see above): give it room.
+    request_queue_size: int = socket.SOMAXCONN
     # server_close() waits for the workers to finish what was handed to them.
     block_on_close: bool = True
 
@@ -223,6 +239,7 @@ class ThreadPoolMixIn(_MixInBase):
                 handled=pool.handled,
                 errors=pool.errors,
                 park_timeouts=self._netserve_park_timeouts,
+                accepting=self._netserve_listening and self._netserve_selector_now is not None,
             )
 
     def _netserve_run_request(self, request: Any, client_address: Any) -> bool:

@@ -1,0 +1,346 @@
+"""GreenMixIn and GreenSocket: cooperative waits, timeouts, many connections."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import netserve
+from tests.conftest import Serving, connect, recv_all
+
+
+class Echo(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line.upper())
+
+
+def test_a_waiting_handler_does_not_block_the_others() -> None:
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                if line == b"wait\n":
+                    # Blocks on its own socket only: the others keep being served.
+                    self.wfile.write(b"waiting\n" + self.rfile.readline())
+                else:
+                    self.wfile.write(line.upper())
+
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as slow:
+            slow.sendall(b"wait\n")
+            others = [connect(serving.address) for _ in range(20)]
+            try:
+                for client in others:
+                    client.sendall(b"quick\n")
+                for client in others:
+                    assert client.recv(100) == b"QUICK\n"
+            finally:
+                for client in others:
+                    client.close()
+            slow.sendall(b"done\n")
+            assert slow.recv(100) == b"waiting\ndone\n"
+
+
+def test_green_sleep_is_cooperative() -> None:
+    entered = threading.Event()
+
+    class Sleepy(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline()
+            if line == b"sleep\n":
+                entered.set()
+                netserve.green_sleep(3600)  # ended by server_close(block_on_close=False)
+            self.wfile.write(line.upper())
+
+    class Server(netserve.GreenTCPServer):
+        block_on_close = False
+
+    server = Server(("127.0.0.1", 0), Sleepy)
+    with Serving(server) as serving:
+        sleeper = connect(serving.address)
+        sleeper.sendall(b"sleep\n")
+        assert entered.wait(10)
+        with connect(serving.address) as other:
+            other.sendall(b"awake\n")
+            assert other.recv(100) == b"AWAKE\n"
+    # server_close() ended the sleeping handler; its connection was shut down.
+    with sleeper:
+        assert recv_all(sleeper) == b""
+
+
+def test_green_sleep_outside_a_hub_is_time_sleep() -> None:
+    netserve.green_sleep(0)  # no hub on this thread: a plain sleep, no error
+
+
+def test_cooperative_timeout_while_others_are_served() -> None:
+    class Handler(netserve.StreamRequestHandler):
+        timeout = 0.05
+
+        def handle(self) -> None:
+            try:
+                self.wfile.write(self.rfile.readline().upper())
+                self.rfile.readline()  # the client stays silent
+            except TimeoutError:
+                self.wfile.write(b"timed out\n")
+
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+        clients = [connect(serving.address) for _ in range(10)]
+        try:
+            for client in clients:
+                client.sendall(b"hi\n")
+            for client in clients:
+                assert recv_all(client) == b"HI\ntimed out\n"
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_thousands_of_connections_held_at_once() -> None:
+    count = 2000
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Echo)) as serving:
+        clients = []
+        try:
+            for _ in range(count):
+                clients.append(connect(serving.address))
+            for i, client in enumerate(clients):
+                client.sendall(b"c%d\n" % i)
+            for i, client in enumerate(clients):
+                assert client.recv(100) == b"C%d\n" % i
+            stats = serving.server.green_statistics()
+            assert stats["handlers"] == count  # every one alive at the same time
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_green_socket_behaves_like_a_socket() -> None:
+    seen: dict[str, Any] = {}
+
+    class Handler(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            sock = self.request
+            seen["is_socket"] = isinstance(sock, socket.socket)
+            seen["is_green"] = isinstance(sock, netserve.GreenSocket)
+            seen["peer"] = sock.getpeername()
+            seen["timeout"] = sock.gettimeout()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            seen["nodelay"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            seen["recv"] = sock.recv(5)
+            buffer = bytearray(5)
+            seen["recv_into"] = (sock.recv_into(buffer, 5), bytes(buffer))
+            sock.send(b"send;")
+            sock.sendall(b"sendall;" * 10000)  # larger than the send buffer
+            with sock.makefile("rwb") as f:
+                seen["makefile"] = f.readline()
+                f.write(b"via file\n")
+                f.flush()
+            sock.settimeout(0)
+            seen["blocking"] = sock.getblocking()
+            try:
+                sock.recv(10)
+            except BlockingIOError:
+                seen["nonblocking"] = True
+            sock.settimeout(0.05)
+            try:
+                sock.recv(10)
+            except TimeoutError:
+                seen["timeout_error"] = True
+            with pytest.raises(ValueError, match="out of range"):
+                sock.settimeout(-1)
+            sock.shutdown(socket.SHUT_WR)
+
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"helloworld" + b"line\n")
+            received = recv_all(client)
+            assert seen["peer"] == client.getsockname()
+    assert received == b"send;" + b"sendall;" * 10000 + b"via file\n"
+    assert seen["is_socket"]
+    assert seen["is_green"]
+    assert seen["timeout"] is None
+    assert seen["nodelay"] == 1
+    assert seen["recv"] == b"hello"
+    assert seen["recv_into"] == (5, b"world")
+    assert seen["makefile"] == b"line\n"
+    assert seen["blocking"] is False
+    assert seen["nonblocking"]
+    assert seen["timeout_error"]
+
+
+def test_closing_a_socket_wakes_its_waiter() -> None:
+    outcome: list[Any] = []
+    waiting = threading.Event()
+
+    class Handler(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            if self.client_address[1] == self.server.first_port:  # type: ignore[attr-defined]
+                self.server.first = self.request  # type: ignore[attr-defined]
+                waiting.set()
+                try:
+                    self.request.recv(10)
+                except OSError as exc:
+                    outcome.append(exc.errno)
+            else:
+                self.server.first.close()  # type: ignore[attr-defined]
+
+    server = netserve.GreenTCPServer(("127.0.0.1", 0), Handler)
+    with Serving(server) as serving, connect(serving.address) as first:
+        server.first_port = first.getsockname()[1]  # type: ignore[attr-defined]
+        first.sendall(b"!")  # wakes the parked connection: its handler starts
+        # The first recv takes "!"; send nothing more, so the second recv waits.
+        with connect(serving.address) as second:
+            assert waiting.wait(10)
+            second.sendall(b"close it")
+            assert recv_all(second) == b""
+    assert outcome in ([errno.EBADF], [])  # woken with EBADF, or it read "!"
+
+
+def test_datagrams_under_the_hub(unix_path: str) -> None:
+    class Upper(netserve.DatagramRequestHandler):
+        def handle(self) -> None:
+            assert isinstance(self.socket, netserve.GreenSocket)
+            self.wfile.write(self.rfile.read().upper())
+
+    with Serving(netserve.GreenUnixDatagramServer(unix_path, Upper)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.bind(unix_path + ".c")
+            for i in range(20):
+                client.sendto(b"d%d" % i, unix_path)
+            assert sorted(client.recv(100) for _ in range(20)) == sorted(
+                b"D%d" % i for i in range(20)
+            )
+
+
+def test_block_on_close_false_ends_handlers_and_runs_finish() -> None:
+    finished = threading.Event()
+    started = threading.Event()
+
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            started.set()
+            self.rfile.readline()
+            self.rfile.readline()  # never comes
+
+        def finish(self) -> None:
+            finished.set()
+            super().finish()
+
+    class Server(netserve.GreenTCPServer):
+        block_on_close = False
+
+    with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
+        client = connect(serving.address)
+        client.sendall(b"one line\n")
+        assert started.wait(10)
+    assert finished.is_set()
+    assert recv_all(client) == b""
+    client.close()
+
+
+def test_handle_request_runs_the_handler_on_the_hub() -> None:
+    with netserve.GreenTCPServer(("127.0.0.1", 0), Echo) as server:
+        with connect(server.server_address) as client:
+            client.sendall(b"one shot\n")
+            client.shutdown(socket.SHUT_WR)
+            server.handle_request()
+            assert recv_all(client) == b"ONE SHOT\n"
+
+
+def test_park_timeout_and_server_speaks_first() -> None:
+    class Banner(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 ready\n")
+            self.wfile.write(self.rfile.readline().upper())
+
+    class Speaking(netserve.GreenTCPServer):
+        park_until_readable = False
+
+    with Serving(Speaking(("127.0.0.1", 0), Banner)) as serving:
+        with connect(serving.address) as client:
+            assert client.recv(100) == b"220 ready\n"
+            client.sendall(b"helo\n")
+            assert client.recv(100) == b"HELO\n"
+
+    class Impatient(netserve.GreenTCPServer):
+        park_timeout = 0.05
+
+    server = Impatient(("127.0.0.1", 0), Echo)
+    with Serving(server) as serving, connect(serving.address) as silent:
+        assert recv_all(silent) == b""
+        assert server.green_statistics()["park_timeouts"] == 1
+
+
+def test_handler_system_exit_is_reported_and_the_hub_carries_on() -> None:
+    hooked: list[type[BaseException]] = []
+
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            if self.rfile.readline() == b"exit\n":
+                raise SystemExit
+            self.wfile.write(b"alive\n")
+
+    previous = threading.excepthook
+    threading.excepthook = lambda args: hooked.append(args.exc_type)
+    try:
+        with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+            with connect(serving.address) as client:
+                client.sendall(b"exit\n")
+                assert recv_all(client) == b""
+            with connect(serving.address) as client:
+                client.sendall(b"again\n")
+                assert client.recv(100) == b"alive\n"
+    finally:
+        threading.excepthook = previous
+    assert hooked == [SystemExit]
+
+
+def test_new_models_have_a_production_backlog() -> None:
+    assert netserve.GreenTCPServer.request_queue_size == socket.SOMAXCONN
+    assert netserve.ThreadPoolTCPServer.request_queue_size == socket.SOMAXCONN
+    assert netserve.TCPServer.request_queue_size in (5, socket.SOMAXCONN)  # the stdlib's
+
+
+def test_the_idle_hub_waits_without_a_timeout() -> None:
+    # No busy loop: with no timers and nothing ready the hub blocks in epoll
+    # with no timeout at all, and its thread ends when it has nothing to do.
+    server = netserve.GreenTCPServer(("127.0.0.1", 0), Echo)
+    hub = server._green_hub  # type: ignore[attr-defined]
+    with Serving(server, close=False) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"x\n")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"X\n"
+        assert hub.run_sync(hub._next_timeout) == -1.0
+    thread = hub.thread
+    server.server_close()
+    assert thread is None or not thread.is_alive()
+
+
+def test_missing_greenlet_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['greenlet'] = None\n"
+        "import netserve\n"
+        "try:\n"
+        "    netserve.GreenTCPServer(('127.0.0.1', 0), netserve.StreamRequestHandler)\n"
+        "except netserve.MissingExtraError as exc:\n"
+        "    print(exc)\n"
+        "    assert isinstance(exc, ImportError)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert "netserve[green]" in result.stdout
+    assert "greenlet" in result.stdout

@@ -1,0 +1,249 @@
+"""ThreadPoolMixIn: bounded workers, backpressure, parking, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+import netserve
+from tests.conftest import Serving, connect, recv_all
+
+
+class Gated(netserve.StreamRequestHandler):
+    """Echoes one line, but only once the server's gate is open."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        self.server.entered.release()  # type: ignore[attr-defined]
+        assert self.server.gate.wait(10)  # type: ignore[attr-defined]
+        self.wfile.write(line.upper())
+
+
+class PoolServer(netserve.ThreadPoolTCPServer):
+    max_workers = 1
+    queue_size = 1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.accepted = 0
+        self.stopped_accepting = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> Any:
+        self.accepted += 1
+        return super().get_request()
+
+    def service_actions(self) -> None:
+        # Runs on every pass of the loop: tells the test the moment the worker
+        # is busy, the queue full and accepting stopped, without polling.
+        stats = self.statistics()
+        if not stats.accepting and stats.busy_workers == 1 and stats.queued == 1:
+            self.stopped_accepting.set()
+
+
+def test_backpressure_keeps_excess_connections_in_the_kernel_backlog() -> None:
+    server = PoolServer(("127.0.0.1", 0), Gated)
+    with Serving(server) as serving:
+        first = connect(serving.address)
+        second = connect(serving.address)
+        extra: list[socket.socket] = []
+        try:
+            first.sendall(b"one\n")
+            assert server.entered.acquire(timeout=10)  # the only worker is busy
+            second.sendall(b"two\n")  # fills the hand-off queue
+            assert server.stopped_accepting.wait(10)
+            stats = server.statistics()
+            assert (stats.busy_workers, stats.queued, stats.workers) == (1, 1, 1)
+            extra = [connect(serving.address) for _ in range(5)]
+            for client in extra:
+                client.sendall(b"more\n")
+            # Not accepted: they wait in the kernel's backlog, not in this process.
+            assert server.accepted == 2
+            assert server.statistics().queued == 1
+            server.gate.set()
+            for client, word in [(first, b"ONE\n"), (second, b"TWO\n")]:
+                assert client.recv(100) == word
+            for client in extra:
+                assert client.recv(100) == b"MORE\n"
+            assert server.accepted == 7
+        finally:
+            server.gate.set()
+            for client in [first, second, *extra]:
+                client.close()
+    stats = server.statistics()
+    assert stats.handled == 7
+    assert stats.workers == 0  # joined by server_close()
+
+
+def test_silent_connections_do_not_take_workers() -> None:
+    class Echo(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    class Server(netserve.ThreadPoolTCPServer):
+        max_workers = 1
+
+    server = Server(("127.0.0.1", 0), Echo)
+    with Serving(server) as serving:
+        silent = [connect(serving.address) for _ in range(10)]
+        try:
+            with connect(serving.address) as talker:
+                talker.sendall(b"served despite ten silent peers\n")
+                assert talker.recv(100) == b"served despite ten silent peers\n"
+            stats = server.statistics()
+            assert stats.parked == 10
+            assert stats.workers == 1
+        finally:
+            for client in silent:
+                client.close()
+
+
+def test_park_timeout_closes_silent_connections() -> None:
+    class Server(netserve.ThreadPoolTCPServer):
+        park_timeout = 0.05
+
+    server = Server(("127.0.0.1", 0), netserve.StreamRequestHandler)
+    with Serving(server, poll_interval=3600) as serving, connect(serving.address) as silent:
+        assert recv_all(silent) == b""  # closed by the server
+        assert server.statistics().park_timeouts == 1
+        assert server.statistics().handled == 0
+
+
+def test_server_speaks_first_without_parking() -> None:
+    class Banner(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 hello\n")
+            self.wfile.write(self.rfile.readline().upper())
+
+    class Server(netserve.ThreadPoolTCPServer):
+        park_until_readable = False
+
+    with Serving(Server(("127.0.0.1", 0), Banner)) as serving:
+        with connect(serving.address) as client:
+            assert client.recv(100) == b"220 hello\n"  # before the client said anything
+            client.sendall(b"ehlo\n")
+            assert client.recv(100) == b"EHLO\n"
+
+
+def test_workers_are_reused_and_bounded() -> None:
+    seen: set[int] = set()
+
+    class Recording(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            seen.add(threading.get_ident())
+            self.wfile.write(self.rfile.readline())
+
+    class Server(netserve.ThreadPoolTCPServer):
+        max_workers = 3
+
+    server = Server(("127.0.0.1", 0), Recording)
+    with Serving(server) as serving:
+        for i in range(30):
+            with connect(serving.address) as client:
+                client.sendall(b"%d\n" % i)
+                assert client.recv(100) == b"%d\n" % i
+    assert 1 <= len(seen) <= 3
+    assert server.statistics().handled == 30
+
+
+def test_statistics_are_an_immutable_snapshot() -> None:
+    with netserve.ThreadPoolTCPServer(("127.0.0.1", 0), netserve.StreamRequestHandler) as server:
+        stats = server.statistics()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            stats.handled = 5  # type: ignore[misc]
+        assert stats == netserve.PoolStatistics(
+            max_workers=32,
+            workers=0,
+            busy_workers=0,
+            queued=0,
+            parked=0,
+            handled=0,
+            errors=0,
+            park_timeouts=0,
+            accepting=False,
+        )
+
+
+def test_errors_are_counted_and_reported() -> None:
+    reported: list[Any] = []
+
+    class Failing(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            raise ValueError("pool failure")
+
+    class Server(netserve.ThreadPoolTCPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            reported.append(client_address)
+
+    server = Server(("127.0.0.1", 0), Failing)
+    with Serving(server) as serving:
+        for _ in range(3):
+            with connect(serving.address) as client:
+                client.sendall(b"x")
+                assert recv_all(client) == b""
+    assert len(reported) == 3
+    assert server.statistics().errors == 3
+
+
+def test_a_worker_ended_by_system_exit_is_replaced() -> None:
+    hooked: list[type[BaseException]] = []
+
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            if self.rfile.readline() == b"exit\n":
+                raise SystemExit
+            self.wfile.write(b"alive\n")
+
+    class Server(netserve.ThreadPoolTCPServer):
+        max_workers = 1
+
+    previous = threading.excepthook
+    threading.excepthook = lambda args: hooked.append(args.exc_type)
+    try:
+        with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
+            with connect(serving.address) as client:
+                client.sendall(b"exit\n")
+                assert recv_all(client) == b""  # still shut down properly
+            with connect(serving.address) as client:
+                client.sendall(b"again\n")
+                assert client.recv(100) == b"alive\n"
+    finally:
+        threading.excepthook = previous
+    assert hooked == [SystemExit]
+
+
+def test_handle_request_hands_over_without_parking() -> None:
+    class Echo(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    with netserve.ThreadPoolTCPServer(("127.0.0.1", 0), Echo) as server:
+        with connect(server.server_address) as client:
+            server.handle_request()  # no loop to watch a parked connection
+            client.sendall(b"direct\n")
+            assert client.recv(100) == b"direct\n"
+
+
+def test_pool_datagrams_under_backpressure() -> None:
+    class Upper(netserve.DatagramRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.read().upper())
+
+    class Server(netserve.ThreadPoolUDPServer):
+        max_workers = 2
+        queue_size = 1
+
+    with Serving(Server(("127.0.0.1", 0), Upper)) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            words = [b"w%d" % i for i in range(50)]
+            for word in words:
+                client.sendto(word, serving.address)
+            # Datagrams wait in the kernel's buffer while the pool is full; 50
+            # short ones fit, so none is lost.
+            assert sorted(client.recv(100) for _ in words) == sorted(w.upper() for w in words)
