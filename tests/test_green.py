@@ -344,3 +344,38 @@ def test_missing_greenlet_names_the_extra() -> None:
     )
     assert "netserve[green]" in result.stdout
     assert "greenlet" in result.stdout
+
+
+def test_green_makefile_modes() -> None:
+    seen: dict[str, Any] = {}
+
+    class Handler(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            sock = self.request
+            with sock.makefile("rb", buffering=0) as raw:
+                seen["raw"] = raw.read(3)  # unbuffered: reads no further
+            with sock.makefile("r", encoding="ascii", newline="") as text:
+                seen["text"] = text.readline()
+            with sock.makefile("w", encoding="ascii") as out:
+                out.write("text out\n")
+            for bad in ("x", "rt", ""):
+                try:
+                    sock.makefile(bad)
+                except ValueError:
+                    seen.setdefault("refused", []).append(bad)
+            try:
+                sock.makefile("r", buffering=0)
+            except ValueError:
+                seen["unbuffered_text"] = "refused"
+
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"abca line\r\n")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"text out\n"
+    assert seen == {
+        "text": "a line\r\n",
+        "raw": b"abc",
+        "refused": ["x", "rt", ""],
+        "unbuffered_text": "refused",
+    }

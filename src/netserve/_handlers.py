@@ -57,6 +57,10 @@ class _SendallWriter(io.BufferedIOBase):
     def write(self, data: ReadableBuffer, /) -> int:
         if self.closed:
             raise ValueError("write to closed file")
+        # bytes, the common case, go out as they are: no memoryview to make.
+        if type(data) is bytes:
+            self._sock.sendall(data)
+            return len(data)
         with memoryview(data) as view:
             self._sock.sendall(view)
             return view.nbytes
