@@ -97,7 +97,10 @@ static int open_stream(int source, int sources) {
     if (sources > 1) {
         struct sockaddr_in src = {.sin_family = AF_INET};
         src.sin_addr.s_addr = htonl(0x7f000001 + (uint32_t)(source % sources));
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        /* Choose the port at connect() time, by the whole 4-tuple: a bind() to
+         * port 0 searches for a port unused on that address, which is what
+         * makes churn spend its time in the kernel. */
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
         if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0) { close(fd); return -1; }
     }
     if (connect(fd, (struct sockaddr *)&server_addr, sizeof server_addr) < 0 && errno != EINPROGRESS) {

@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests", "examples"],
-        ["ruff", "format", "--check", "src", "tests", "examples"],
+        ["ruff", "check", "src", "tests", "examples", "benchmarks"],
+        ["ruff", "format", "--check", "src", "tests", "examples", "benchmarks"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
