@@ -93,3 +93,32 @@ def test_threaded_tcp_server() -> None:
     for n, line in enumerate(lines[1:], start=1):
         pattern = rf"Received: Thread-{n + 1}( \(process_request_thread\))?: Hello World {n}"
         assert re.fullmatch(pattern, line), line
+
+
+def test_green_echo_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "green_echo.py")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout == "Received: b'HELLO HUB\\n'\n"
+
+
+def test_pool_echo_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "pool_echo.py")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Received: b'HELLO POOL\\n'"
+    assert lines[1] == "Parked silent connections: 10"
+    # The silent connections closed before shutdown are handled (they see
+    # EOF) or, if still parked when the server closes, closed with it.
+    assert re.fullmatch(r"Handled: (1[01]|[1-9])", lines[2]), lines[2]

@@ -393,9 +393,9 @@ class _GreenSocketIO(socket.SocketIO):
     """The raw file under a GreenSocket's makefile().
 
     ``readinto`` is the hottest path of a hub server (every ``rfile`` read), so
-    it does the cooperative read itself instead of going through
-    ``SocketIO.readinto`` and ``GreenSocket.recv_into``: the same steps, two
-    Python calls fewer per read.
+    for an untimed stream it does the cooperative read itself instead of going
+    through ``SocketIO.readinto`` and ``GreenSocket.recv_into``: the same steps,
+    two Python calls fewer per read.
     """
 
     def readinto(self, b: WriteableBuffer) -> int | None:
@@ -411,13 +411,7 @@ class _GreenSocketIO(socket.SocketIO):
                 raise
         while True:
             if not sock._readable:
-                sock._reader = getcurrent()
-                try:
-                    outcome = sock._hub.greenlet.switch()  # type: ignore[union-attr]
-                finally:
-                    sock._reader = None
-                if outcome is not None:
-                    raise OSError(errno.EBADF, "the socket was closed while waiting on it")
+                sock._wait_readable(None)
             try:
                 count = _recv_into(sock, b)
             except BlockingIOError:
@@ -619,12 +613,7 @@ class GreenMixIn(_MixInBase):
 
     def _green_run(self, request: Any, client_address: Any) -> None:
         try:
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
+            self._netserve_run_request(request, client_address)
         except greenlet.GreenletExit:
             pass  # ended by server_close(); the request is shut down
         except BaseException as exc:

@@ -242,17 +242,6 @@ class ThreadPoolMixIn(_MixInBase):
                 accepting=self._netserve_listening and self._netserve_selector_now is not None,
             )
 
-    def _netserve_run_request(self, request: Any, client_address: Any) -> bool:
-        """The worker's part: returns False when the handler raised."""
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            return False
-        finally:
-            self.shutdown_request(request)
-        return True
-
     def process_request(self, request: Any, client_address: Any) -> None:
         """Park a silent stream connection, or hand the request to a worker."""
         pool = self._netserve_pool_state

@@ -224,6 +224,22 @@ class BaseServer:
         self.finish_request(request, client_address)
         self.shutdown_request(request)
 
+    def _netserve_run_request(self, request: _Request, client_address: _Address) -> bool:
+        """Handle a request away from the serving loop (thread, worker, greenlet).
+
+        The chain every concurrent model runs: the handler, ``handle_error()`` for
+        an ``Exception``, and ``shutdown_request()`` whatever happens. Returns False
+        when the handler raised; any other BaseException propagates.
+        """
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            return False
+        finally:
+            self.shutdown_request(request)
+        return True
+
     def finish_request(self, request: _Request, client_address: _Address) -> None:
         """Instantiate ``RequestHandlerClass``, which handles the request."""
         self.RequestHandlerClass(request, client_address, self)

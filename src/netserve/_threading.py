@@ -60,12 +60,7 @@ class ThreadingMixIn(_MixInBase):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """The body of a request thread: handle, report errors, always shut down."""
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        self._netserve_run_request(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start a thread that runs ``process_request_thread``."""
