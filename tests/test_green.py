@@ -379,3 +379,21 @@ def test_green_makefile_modes() -> None:
         "refused": ["x", "rt", ""],
         "unbuffered_text": "refused",
     }
+
+
+def test_server_close_while_serving_leaves_nothing_watched() -> None:
+    server = netserve.GreenTCPServer(("127.0.0.1", 0), Echo)
+    hub = server._green_hub  # type: ignore[attr-defined]
+    listener_fd = server.fileno()
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    with connect(server.server_address) as client:
+        client.sendall(b"x\n")
+        assert client.recv(10) == b"X\n"
+        server.socket.close()  # closed under the running loop
+        watched = hub.run_sync(lambda: set(hub._special))
+        assert listener_fd in watched
+        server.shutdown()
+        thread.join()
+        assert listener_fd not in hub.run_sync(lambda: set(hub._special))
+    server.server_close()

@@ -471,6 +471,7 @@ class GreenMixIn(_MixInBase):
         self._green_parked: set[GreenSocket] = set()
         self._green_dgram: GreenSocket | None = None
         self._green_saved_timeout: float | None = None
+        self._green_listener_fd = -1
         self._green_park_timeouts = 0
         super().__init__(*args, **kwargs)
 
@@ -505,14 +506,19 @@ class GreenMixIn(_MixInBase):
         hub = self._green_hub
         self._green_saved_timeout = self.socket.gettimeout()
         self.socket.setblocking(False)
-        hub.watch(self.socket.fileno(), self._green_accept)
+        # Remembered: if server_close() runs while serving, fileno() is -1 by
+        # the time the loop stops, and the hub must still forget this one.
+        self._green_listener_fd = self.socket.fileno()
+        hub.watch(self._green_listener_fd, self._green_accept)
         hub.hold()
 
     def _green_stop_accepting(self) -> None:
         hub = self._green_hub
         hub.release()
-        if self.socket.fileno() >= 0:
-            hub.unwatch(self.socket.fileno())
+        still_open = self.socket.fileno() >= 0
+        # A closed descriptor has already left the epoll set with its close.
+        hub.unwatch(self._green_listener_fd, registered=still_open)
+        if still_open:
             self.socket.settimeout(self._green_saved_timeout)
 
     def _green_accept(self) -> None:

@@ -270,9 +270,10 @@ class Hub:
         self._epoll.register(fd, select.EPOLLIN)
         self._special[fd] = callback
 
-    def unwatch(self, fd: int) -> None:
+    def unwatch(self, fd: int, *, registered: bool = True) -> None:
+        """Stop watching ``fd``; ``registered=False`` when it is already closed."""
         assert self._epoll is not None
-        if self._special.pop(fd, None) is not None:
+        if self._special.pop(fd, None) is not None and registered:
             self._epoll.unregister(fd)
 
     def schedule(self, waiter: Waiter, value: Any = None) -> None:
