@@ -21,24 +21,26 @@ __all__ = ["BaseRequestHandler", "DatagramRequestHandler", "StreamRequestHandler
 class BaseRequestHandler:
     """Handle one request; override ``handle()`` (and maybe ``setup``/``finish``)."""
 
+    # The three hooks, each a no-op here.
+
+    def setup(self) -> None:
+        """Prepare for ``handle()``."""
+
+    def handle(self) -> None:
+        """Service the request."""
+
+    def finish(self) -> None:
+        """Clean up after ``handle()``."""
+
     def __init__(self, request: Any, client_address: Any, server: BaseServer) -> None:
-        self.request = request
-        self.client_address = client_address
-        self.server = server
+        self.request, self.client_address, self.server = request, client_address, server
+        # All the work happens in the constructor (the documented contract).
+        # A setup() that raises means no handle() and no finish().
         self.setup()
         try:
             self.handle()
         finally:
             self.finish()
-
-    def setup(self) -> None:
-        """Prepare for ``handle()``; does nothing here."""
-
-    def handle(self) -> None:
-        """Service the request; does nothing here."""
-
-    def finish(self) -> None:
-        """Clean up after ``handle()``; does nothing here."""
 
 
 class _SendallWriter(io.BufferedIOBase):
