@@ -111,6 +111,18 @@ def unix_path() -> Iterator[str]:
         yield os.path.join(directory, "s")
 
 
+@pytest.fixture
+def excepthook_calls() -> Iterator[list[type[BaseException]]]:
+    """The exception types that threading.excepthook receives during the test."""
+    calls: list[type[BaseException]] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: calls.append(args.exc_type)
+    try:
+        yield calls
+    finally:
+        threading.excepthook = previous
+
+
 def connect(address: Any, family: int = socket.AF_INET) -> socket.socket:
     """A client stream socket connected to ``address``, with a hard timeout."""
     sock = socket.socket(family, socket.SOCK_STREAM)

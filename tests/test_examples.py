@@ -44,10 +44,11 @@ def running_server(name: str) -> Iterator[tuple[int, list[str]]]:
         output.extend(out.splitlines())
 
 
-def run_client(name: str, port: int, *words: str) -> str:
+def run_example(name: str, *words: str, **env: str) -> str:
+    """Run an example to completion; return what it printed."""
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *words],
-        env=_env(PORT=str(port)),
+        env=_env(**env),
         capture_output=True,
         text=True,
         timeout=30,
@@ -59,8 +60,8 @@ def run_client(name: str, port: int, *words: str) -> str:
 @pytest.mark.parametrize("server", ["tcp_server.py", "tcp_server_stream.py"])
 def test_tcp_server_and_client(server: str) -> None:
     with running_server(server) as (port, server_output):
-        first = run_client("tcp_client.py", port, "hello", "world and more")
-        second = run_client("tcp_client.py", port, "python", "is", "nice")
+        first = run_example("tcp_client.py", "hello", "world and more", PORT=str(port))
+        second = run_example("tcp_client.py", "python", "is", "nice", PORT=str(port))
     assert first == "Sent:     hello world and more\nReceived: HELLO WORLD AND MORE\n"
     assert second == "Sent:     python is nice\nReceived: PYTHON IS NICE\n"
     assert server_output == [
@@ -73,21 +74,13 @@ def test_tcp_server_and_client(server: str) -> None:
 
 def test_udp_server_and_client() -> None:
     with running_server("udp_server.py") as (port, server_output):
-        reply = run_client("udp_client.py", port, "hello", "udp")
+        reply = run_example("udp_client.py", "hello", "udp", PORT=str(port))
     assert reply == "Sent:     hello udp\nReceived: HELLO UDP\n"
     assert server_output == ["127.0.0.1 wrote:", "b'hello udp'"]
 
 
 def test_threaded_tcp_server() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "threaded_tcp_server.py")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = result.stdout.splitlines()
+    lines = run_example("threaded_tcp_server.py").splitlines()
     assert re.fullmatch(r"Server loop running in thread: Thread-1( \(serve_forever\))?", lines[0])
     assert len(lines) == 4
     for n, line in enumerate(lines[1:], start=1):
@@ -96,27 +89,11 @@ def test_threaded_tcp_server() -> None:
 
 
 def test_green_echo_example() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "green_echo.py")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert result.stdout == "Received: b'HELLO HUB\\n'\n"
+    assert run_example("green_echo.py") == "Received: b'HELLO HUB\\n'\n"
 
 
 def test_pool_echo_example() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "pool_echo.py")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = result.stdout.splitlines()
+    lines = run_example("pool_echo.py").splitlines()
     assert lines[0] == "Received: b'HELLO POOL\\n'"
     assert lines[1] == "Parked silent connections: 10"
     # The silent connections closed before shutdown are handled (they see

@@ -278,28 +278,23 @@ def test_park_timeout_and_server_speaks_first() -> None:
         assert server.green_statistics()["park_timeouts"] == 1
 
 
-def test_handler_system_exit_is_reported_and_the_hub_carries_on() -> None:
-    hooked: list[type[BaseException]] = []
-
+def test_handler_system_exit_is_reported_and_the_hub_carries_on(
+    excepthook_calls: list[type[BaseException]],
+) -> None:
     class Handler(netserve.StreamRequestHandler):
         def handle(self) -> None:
             if self.rfile.readline() == b"exit\n":
                 raise SystemExit
             self.wfile.write(b"alive\n")
 
-    previous = threading.excepthook
-    threading.excepthook = lambda args: hooked.append(args.exc_type)
-    try:
-        with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
-            with connect(serving.address) as client:
-                client.sendall(b"exit\n")
-                assert recv_all(client) == b""
-            with connect(serving.address) as client:
-                client.sendall(b"again\n")
-                assert client.recv(100) == b"alive\n"
-    finally:
-        threading.excepthook = previous
-    assert hooked == [SystemExit]
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"exit\n")
+            assert recv_all(client) == b""
+        with connect(serving.address) as client:
+            client.sendall(b"again\n")
+            assert client.recv(100) == b"alive\n"
+    assert excepthook_calls == [SystemExit]
 
 
 def test_new_models_have_a_production_backlog() -> None:

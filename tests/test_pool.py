@@ -190,9 +190,9 @@ def test_errors_are_counted_and_reported() -> None:
     assert server.statistics().errors == 3
 
 
-def test_a_worker_ended_by_system_exit_is_replaced() -> None:
-    hooked: list[type[BaseException]] = []
-
+def test_a_worker_ended_by_system_exit_is_replaced(
+    excepthook_calls: list[type[BaseException]],
+) -> None:
     class Handler(netserve.StreamRequestHandler):
         def handle(self) -> None:
             if self.rfile.readline() == b"exit\n":
@@ -202,19 +202,14 @@ def test_a_worker_ended_by_system_exit_is_replaced() -> None:
     class Server(netserve.ThreadPoolTCPServer):
         max_workers = 1
 
-    previous = threading.excepthook
-    threading.excepthook = lambda args: hooked.append(args.exc_type)
-    try:
-        with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
-            with connect(serving.address) as client:
-                client.sendall(b"exit\n")
-                assert recv_all(client) == b""  # still shut down properly
-            with connect(serving.address) as client:
-                client.sendall(b"again\n")
-                assert client.recv(100) == b"alive\n"
-    finally:
-        threading.excepthook = previous
-    assert hooked == [SystemExit]
+    with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"exit\n")
+            assert recv_all(client) == b""  # still shut down properly
+        with connect(serving.address) as client:
+            client.sendall(b"again\n")
+            assert client.recv(100) == b"alive\n"
+    assert excepthook_calls == [SystemExit]
 
 
 def test_handle_request_hands_over_without_parking() -> None:

@@ -127,9 +127,10 @@ def test_errors_in_threads_reach_handle_error_and_the_request_is_closed() -> Non
         assert seen == [client.getsockname()]
 
 
-def test_system_exit_in_a_thread_is_not_handled_and_still_closes() -> None:
+def test_system_exit_in_a_thread_is_not_handled_and_still_closes(
+    excepthook_calls: list[type[BaseException]],
+) -> None:
     seen: list[Any] = []
-    hooked: list[type[BaseException]] = []
     done = threading.Event()
 
     class Exiting(netserve.BaseRequestHandler):
@@ -144,18 +145,13 @@ def test_system_exit_in_a_thread_is_not_handled_and_still_closes() -> None:
             super().shutdown_request(request)
             done.set()
 
-    previous = threading.excepthook
-    threading.excepthook = lambda args: hooked.append(args.exc_type)
-    try:
-        with Server(("127.0.0.1", 0), Exiting) as server:
-            with connect(server.server_address) as client:
-                server.handle_request()
-                assert done.wait(10)
-                assert recv_all(client) == b""
-    finally:
-        threading.excepthook = previous
+    with Server(("127.0.0.1", 0), Exiting) as server:
+        with connect(server.server_address) as client:
+            server.handle_request()
+            assert done.wait(10)
+            assert recv_all(client) == b""
     assert seen == []
-    assert hooked == [SystemExit]
+    assert excepthook_calls == [SystemExit]
 
 
 def test_threading_udp_server_serves_concurrently() -> None:

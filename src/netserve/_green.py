@@ -170,25 +170,36 @@ class GreenSocket(socket.socket):
 
     # -- reading -----------------------------------------------------------------------
 
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
-        # The hot path of rfile: kept flat on purpose.
-        timeout = self._green_timeout
-        if timeout == 0.0:
-            return _recv_into(self, buffer, nbytes, flags)
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _read(self, call: Any, size: int, flags: int, *args: Any) -> Any:
+        """A stream-aware cooperative read (recv, recv_into), using the readable
+        hint of rule 2 in _hub. (rfile's reads take the same steps inline, in
+        _GreenSocketIO.readinto.)"""
+        if self._green_timeout == 0.0:
+            return call(self, *args, flags)
+        deadline = self._deadline()
         if not self._readable:
             self._wait_readable(deadline)
         while True:
             try:
-                count = _recv_into(self, buffer, nbytes, flags)
+                result = call(self, *args, flags)
             except BlockingIOError:
                 self._readable = False
                 self._wait_readable(deadline)
                 continue
-            if 0 < count < (nbytes or len(buffer)) and self._stream and not flags:  # type: ignore[arg-type]
+            count = result if type(result) is int else len(result)
+            if 0 < count < size and self._stream and not flags:
                 # A short read drained the queue (unless the peer hung up).
                 self._readable = self._hangup
-            return count
+            return result
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        size = nbytes or len(buffer)  # type: ignore[arg-type]
+        count: int = self._read(_recv_into, size, flags, buffer, nbytes)
+        return count
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data: bytes = self._read(_recv, bufsize, flags, bufsize)
+        return data
 
     def _wait_readable(self, deadline: float | None) -> None:
         if deadline is not None:
@@ -204,58 +215,56 @@ class GreenSocket(socket.socket):
         if outcome is not None:
             raise OSError(errno.EBADF, "the socket was closed while waiting on it")
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self._green_timeout == 0.0:
-            return _recv(self, bufsize, flags)
-        deadline = self._deadline()
-        if not self._readable:
-            self._wait_readable(deadline)
-        while True:
-            try:
-                data = _recv(self, bufsize, flags)
-            except BlockingIOError:
-                self._readable = False
-                self._wait_readable(deadline)
-                continue
-            if 0 < len(data) < bufsize and self._stream and not flags:
-                self._readable = self._hangup
-            return data
-
-    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
-        deadline = self._deadline()
-        while True:
-            try:
-                return _recvfrom(self, bufsize, flags)
-            except BlockingIOError:
-                if self._green_timeout == 0.0:
-                    raise
-                self._wait(False, deadline)
-
-    def recvfrom_into(
-        self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0
-    ) -> tuple[int, Any]:
-        deadline = self._deadline()
-        while True:
-            try:
-                return _recvfrom_into(self, buffer, nbytes, flags)
-            except BlockingIOError:
-                if self._green_timeout == 0.0:
-                    raise
-                self._wait(False, deadline)
-
-    # -- writing -----------------------------------------------------------------------
-
-    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+    def _retry(self, call: Any, write: bool, *args: Any) -> Any:
+        """Call until it stops raising BlockingIOError, waiting cooperatively."""
         deadline = None
+        attempt = 0
         while True:
             try:
-                return _send(self, data, flags)
+                return call(self, *args)
             except BlockingIOError:
                 if self._green_timeout == 0.0:
                     raise
                 if deadline is None:
                     deadline = self._deadline()
-                self._wait(True, deadline)
+                if write and not self._stream:
+                    self._retry_later(attempt, deadline)
+                    attempt += 1
+                else:
+                    self._wait(write, deadline)
+
+    def _retry_later(self, attempt: int, deadline: float | None) -> None:
+        # A datagram send fails with EAGAIN when the *receiver's* queue is full
+        # (AF_UNIX: net.unix.max_dgram_qlen), and Linux sends no EPOLLOUT when
+        # that queue drains for an unconnected socket: waiting for the edge
+        # could wait forever. Retry after a short, growing pause instead.
+        pause = min(0.05, 0.0005 * (2**attempt))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            pause = min(pause, remaining)
+        self._hub.sleep(pause)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        result: tuple[bytes, Any] = self._retry(_recvfrom, False, bufsize, flags)
+        return result
+
+    def recvfrom_into(
+        self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, Any]:
+        result: tuple[int, Any] = self._retry(_recvfrom_into, False, buffer, nbytes, flags)
+        return result
+
+    # -- writing -----------------------------------------------------------------------
+
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+        sent: int = self._retry(_send, True, data, flags)
+        return sent
+
+    def sendto(self, data: ReadableBuffer, *args: Any) -> int:
+        sent: int = self._retry(_sendto, True, data, *args)
+        return sent
 
     def sendall(self, data: ReadableBuffer, flags: int = 0) -> None:
         # The hot path of wfile: one send() takes everything almost always.
@@ -279,36 +288,6 @@ class GreenSocket(socket.socket):
                     if self._green_timeout == 0.0:
                         raise
                     self._wait(True, deadline)
-
-    def sendto(self, data: ReadableBuffer, *args: Any) -> int:
-        deadline = None
-        attempt = 0
-        while True:
-            try:
-                return _sendto(self, data, *args)
-            except BlockingIOError:
-                if self._green_timeout == 0.0:
-                    raise
-                if deadline is None:
-                    deadline = self._deadline()
-                if self._stream:
-                    self._wait(True, deadline)
-                else:
-                    self._retry_later(attempt, deadline)
-                    attempt += 1
-
-    def _retry_later(self, attempt: int, deadline: float | None) -> None:
-        # A datagram send fails with EAGAIN when the *receiver's* queue is full
-        # (AF_UNIX: net.unix.max_dgram_qlen), and Linux sends no EPOLLOUT when
-        # that queue drains for an unconnected socket: waiting for the edge
-        # could wait forever. Retry after a short, growing pause instead.
-        pause = min(0.05, 0.0005 * (2**attempt))
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            pause = min(pause, remaining)
-        self._hub.sleep(pause)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         # os.sendfile() would wait for writability in a blocking select(); read

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import greenlet
 
-from netserve._loop import drain
+from netserve._loop import drain, poke
 
 __all__ = ["TIMEOUT", "Hub", "Timer", "current_hub"]
 
@@ -147,10 +147,7 @@ class Hub:
                 self._start_locked()
             else:
                 assert self._wake_w is not None
-                try:
-                    self._wake_w.send(b"\0")
-                except BlockingIOError:
-                    pass  # already being woken
+                poke(self._wake_w)
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the hub's thread and wait for its result."""
@@ -187,10 +184,7 @@ class Hub:
             self._closing = True
             thread = self._thread
             if thread is not None and self._wake_w is not None:
-                try:
-                    self._wake_w.send(b"\0")
-                except BlockingIOError:
-                    pass
+                poke(self._wake_w)
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
@@ -205,7 +199,7 @@ class Hub:
         for fd in self.sockets:
             self._epoll.register(fd, SOCKET_EVENTS)
         # The thread starts because calls are waiting: have it look at once.
-        self._wake_w.send(b"\0")
+        poke(self._wake_w)
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
         self._thread.start()
 

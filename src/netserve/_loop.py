@@ -26,7 +26,15 @@ from __future__ import annotations
 import socket
 import threading
 
-__all__ = ["StopControl", "drain"]
+__all__ = ["StopControl", "drain", "poke"]
+
+
+def poke(writer: socket.socket) -> None:
+    """Write one wake-up byte; a full pipe means a wake-up is already pending."""
+    try:
+        writer.send(b"\0")
+    except BlockingIOError:
+        pass
 
 
 def drain(reader: socket.socket) -> None:
@@ -90,20 +98,14 @@ class StopControl:
         """Wake the loop without asking it to stop (it runs another pass)."""
         with self._changed:
             if self._waker is not None:
-                try:
-                    self._waker.send(b"\0")
-                except BlockingIOError:
-                    pass  # already being woken
+                poke(self._waker)
 
     def request_stop(self) -> None:
         """Ask the loop to stop; wait for it when that cannot deadlock."""
         with self._changed:
             self._requested = True
             if self._waker is not None:
-                try:
-                    self._waker.send(b"\0")
-                except BlockingIOError:
-                    pass  # the pipe is full, so the loop is already being woken
+                poke(self._waker)
             if self._loop_thread is None or self._loop_thread == threading.get_ident():
                 return
             seen = self._generation
