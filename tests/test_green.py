@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import socket
@@ -392,3 +393,50 @@ def test_server_close_while_serving_leaves_nothing_watched() -> None:
         thread.join()
         assert listener_fd not in hub.run_sync(lambda: set(hub._special))
     server.server_close()
+
+
+def _greenlets_of_sequential_requests(server_class: type[Any], count: int) -> list[Any]:
+    """Serve ``count`` connections one after another.
+
+    Returns, per request, its handler's greenlet and whether the previous
+    request's greenlet had ended by the time this one started.
+    """
+    import greenlet
+
+    seen: list[tuple[Any, bool | None]] = []
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="fresh")
+
+    class Recorder(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            previous_ended = seen[-1][0].dead if seen else None
+            seen.append((greenlet.getcurrent(), previous_ended))
+            # Each request starts in an empty context, even in a reused greenlet.
+            self.wfile.write(marker.get().encode() + b"\n")
+            marker.set("left over")
+
+    with Serving(server_class(("127.0.0.1", 0), Recorder)) as serving:
+        for _ in range(count):
+            with connect(serving.address) as client:
+                client.sendall(b"go\n")
+                assert recv_all(client) == b"fresh\n"
+    return seen
+
+
+def test_finished_greenlets_are_reused_and_end_with_the_hub() -> None:
+    seen = _greenlets_of_sequential_requests(netserve.GreenTCPServer, 5)
+    # The hub does everything from a handler's shutdown_request() to putting
+    # its greenlet back without switching, so each next connection (accepted
+    # after the client saw the previous one close) finds that greenlet spare.
+    first = seen[0][0]
+    assert [g is first for g, _ in seen] == [True] * 5
+    assert [ended for _, ended in seen] == [None, False, False, False, False]
+    # server_close() ended the hub's thread, and its spares with it.
+    assert first.dead
+
+
+def test_no_spares_means_a_fresh_greenlet_per_request() -> None:
+    class Server(netserve.GreenTCPServer):
+        spare_greenlets = 0
+
+    seen = _greenlets_of_sequential_requests(Server, 3)
+    assert [ended for _, ended in seen] == [None, True, True]

@@ -24,6 +24,13 @@ that arrives after a read produces a new event, so no wake-up is lost.
 Rule 3: the loop switches into a waiting greenlet as soon as its event is seen,
 and the greenlet switches back when it next waits or ends; greenlets are
 children of the hub's greenlet, so a finished one returns there too.
+
+Rule 4: greenlets are reused. A greenlet whose work is done waits in a short
+list of spares for the next ``spawn()``, instead of ending. Under connection
+churn a fresh greenlet per connection cost about a tenth of the hub's time: on
+CPython 3.11 each one maps a 16 KiB frame stack of its own (mmap, page faults,
+munmap). A reused greenlet starts each task in an empty ``contextvars``
+context, as a new one would. Spares end with the hub's thread.
 """
 
 from __future__ import annotations
@@ -106,7 +113,9 @@ class Timer:
 class Hub:
     """An epoll loop on its own thread, switching between handler greenlets."""
 
-    def __init__(self, name: str = "netserve-hub", *, daemon: bool = False) -> None:
+    def __init__(
+        self, name: str = "netserve-hub", *, daemon: bool = False, max_spares: int = 128
+    ) -> None:
         self.name = name
         self.daemon = daemon
         self.sockets: dict[int, HubSocket] = {}
@@ -127,6 +136,9 @@ class Hub:
         # Reasons to keep the thread alive besides live greenlets.
         self._holds = 0
         self._closing = False
+        # Finished greenlets waiting for the next spawn() (rule 4).
+        self.max_spares = max_spares
+        self._spares: list[greenlet.greenlet] = []
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -209,6 +221,7 @@ class Hub:
         try:
             self._loop()
         finally:
+            self._end_spares()
             _local.hub = None
             with self._lock:
                 # Calls that raced with the end are run by a fresh thread.
@@ -244,6 +257,40 @@ class Hub:
         calls = self._calls
         while calls:
             calls.popleft()()
+
+    # -- greenlets (rule 4) ----------------------------------------------------------
+
+    def spawn(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` in a greenlet now, until it first waits; from the hub's thread.
+
+        ``fn`` should not raise: an exception it lets out ends the loop.
+        """
+        spares = self._spares
+        if spares:
+            worker = spares.pop()
+            # A new greenlet starts in an empty context; so does a reused one.
+            worker.gr_context = None
+            worker.switch(fn, args)
+        else:
+            greenlet.greenlet(self._work, self.greenlet).switch(fn, args)
+
+    def _work(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        spares = self._spares
+        current = greenlet.getcurrent()
+        hub_greenlet = current.parent
+        while True:
+            fn(*args)
+            del args  # nothing of the last task stays alive while spare
+            if len(spares) >= self.max_spares or self._closing:
+                return
+            spares.append(current)
+            fn, args = hub_greenlet.switch()
+
+    def _end_spares(self) -> None:
+        spares = self._spares
+        while spares:
+            # GreenletExit at the switch() in _work: the greenlet ends.
+            spares.pop().throw()
 
     # -- scheduling on the hub's thread ------------------------------------------------
 
