@@ -440,3 +440,28 @@ def test_no_spares_means_a_fresh_greenlet_per_request() -> None:
 
     seen = _greenlets_of_sequential_requests(Server, 3)
     assert [ended for _, ended in seen] == [None, True, True]
+
+
+def test_overridden_accepting_hooks_are_called_on_the_hub() -> None:
+    # Without overrides the hub accepts through an inlined path; with any of
+    # these hooks overridden it must go through them.
+    calls: list[str] = []
+
+    class Picky(netserve.GreenTCPServer):
+        def get_request(self) -> Any:
+            accepted = super().get_request()  # (an empty backlog raises)
+            calls.append("get_request")
+            return accepted
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            calls.append("verify_request")
+            return len(calls) > 2  # refuses the first connection
+
+    with Serving(Picky(("127.0.0.1", 0), Echo)) as serving:
+        with connect(serving.address) as refused:
+            assert recv_all(refused) == b""
+        with connect(serving.address) as accepted:
+            accepted.sendall(b"hello\n")
+            accepted.shutdown(socket.SHUT_WR)
+            assert recv_all(accepted) == b"HELLO\n"
+    assert calls == ["get_request", "verify_request"] * 2

@@ -21,6 +21,7 @@ thread's), ``block_on_close``.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import io
 import os
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from netserve._errors import MissingExtraError
 from netserve._loop import drain
-from netserve._servers import TCPServer, UDPServer
+from netserve._servers import BaseServer, TCPServer, UDPServer
 
 try:
     import greenlet
@@ -75,6 +76,8 @@ _send = socket.socket.send
 _sendto = socket.socket.sendto
 _fileno = socket.socket.fileno
 _base_setblocking = socket.socket.setblocking
+_base_close = _socket.socket.close
+_socket_init = _socket.socket.__init__
 
 
 def green_sleep(seconds: float) -> None:
@@ -119,7 +122,11 @@ class GreenSocket(socket.socket):
             timeout = sock.gettimeout()
             family, kind, proto = sock.family, sock.type, sock.proto
             fileno = sock.detach()
-        super().__init__(family, kind, proto, fileno)
+        # socket.socket.__init__'s work, without its Python frame (this runs
+        # once per connection): the C constructor, then its two attributes.
+        _socket_init(self, family, kind, proto, fileno)
+        self._io_refs = 0
+        self._closed = False
         _base_setblocking(self, False)
         self._green_timeout = timeout
         self._hub = hub
@@ -321,7 +328,7 @@ class GreenSocket(socket.socket):
             raise ValueError("a socket file must be readable, writable or both")
         rawmode: Any = ("r" if reading else "") + ("w" if writing else "")
         raw = _GreenSocketIO(self, rawmode)
-        self._io_refs += 1  # type: ignore[attr-defined]
+        self._io_refs += 1
         if buffering is None or buffering < 0:
             buffering = io.DEFAULT_BUFFER_SIZE
         if buffering == 0:
@@ -344,11 +351,14 @@ class GreenSocket(socket.socket):
     # -- closing -----------------------------------------------------------------------
 
     def _real_close(self, _ss: Any = socket.socket) -> None:
+        # Once per connection, so done inline: forget the descriptor, wake any
+        # waiter, close.
         fd = _fileno(self)
-        if fd >= 0:
-            self._hub.forget(fd, self)
-        self._wake_waiters()
-        socket.socket._real_close(self)  # type: ignore[attr-defined]
+        if fd >= 0 and self._hub.sockets.get(fd) is self:
+            del self._hub.sockets[fd]
+        if self._reader is not None or self._writer is not None:
+            self._wake_waiters()
+        _base_close(self)
 
     def detach(self) -> int:
         fd = _fileno(self)
@@ -418,7 +428,7 @@ class _Starter:
             self.timer.cancel()
         server = self.server
         server._green_parked.discard(self.sock)
-        server._green_spawn(self.sock, self.address)
+        server._green_hub.spawn(server._green_run, self.sock, self.address)
 
 
 class GreenMixIn(_MixInBase):
@@ -491,7 +501,12 @@ class GreenMixIn(_MixInBase):
         # Remembered: if server_close() runs while serving, fileno() is -1 by
         # the time the loop stops, and the hub must still forget this one.
         self._green_listener_fd = self.socket.fileno()
-        hub.watch(self._green_listener_fd, self._green_accept)
+        fast = self.socket_type == socket.SOCK_STREAM and all(
+            getattr(getattr(self, name), "__func__", None) is default
+            for name, default in _DEFAULT_ACCEPT_HOOKS
+        )
+        accept = self._green_accept_streams if fast else self._green_accept
+        hub.watch(self._green_listener_fd, accept)
         hub.hold()
 
     def _green_stop_accepting(self) -> None:
@@ -510,20 +525,38 @@ class GreenMixIn(_MixInBase):
             if not self._handle_request_noblock():
                 break
 
-    def get_request(self) -> tuple[Any, Any]:
-        """Accept a connection; on the hub, straight into a GreenSocket.
+    def _green_accept_streams(self) -> None:
+        """_green_accept for a stream server whose accepting hooks are netserve's own.
 
-        Taking the descriptor from the listener saves building a plain socket
-        only to take it apart again (a tenth of a hub's time under churn).
-        Elsewhere (handle_request() on another thread), the usual accept().
+        What ``_handle_request_noblock()`` would do through ``get_request()``,
+        ``verify_request()`` (always True), ``process_request()`` and
+        ``_green_start()``, without their six Python calls per connection; a
+        server that overrides any of them goes through them instead.
         """
+        accept = self.socket._accept  # type: ignore[attr-defined]
         hub = self._green_hub
-        if self.socket_type != socket.SOCK_STREAM or not hub.on_hub_thread():
-            return super().get_request()
-        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        park = self.park_until_readable
+        for _ in range(self.accept_batch):
+            try:
+                sock, client_address = self._green_adopt(*accept())
+            except OSError:
+                return  # an empty backlog, or a client that left (as in get_request)
+            hub.active += 1
+            try:
+                if park:
+                    self._green_park(sock, client_address)
+                else:
+                    hub.spawn(self._green_run, sock, client_address)
+            except Exception:
+                hub.active -= 1
+                self.handle_error(sock, client_address)
+                self.shutdown_request(sock)
+
+    def _green_adopt(self, fd: int, client_address: Any) -> tuple[GreenSocket, Any]:
+        """A freshly accepted descriptor, straight into a GreenSocket."""
         try:
             sock = GreenSocket(
-                hub,
+                self._green_hub,
                 fileno=fd,
                 family=self.address_family,
                 kind=socket.SOCK_STREAM,
@@ -533,6 +566,17 @@ class GreenMixIn(_MixInBase):
             os.close(fd)
             raise
         return sock, client_address
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; on the hub, straight into a GreenSocket.
+
+        Taking the descriptor from the listener saves building a plain socket
+        only to take it apart again (a tenth of a hub's time under churn).
+        Elsewhere (handle_request() on another thread), the usual accept().
+        """
+        if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():
+            return super().get_request()
+        return self._green_adopt(*self.socket._accept())  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the request's greenlet on the hub (from any thread)."""
@@ -563,7 +607,7 @@ class GreenMixIn(_MixInBase):
                 return
         elif isinstance(request, tuple) and request[1] is self.socket:
             request = (request[0], self._green_datagram_socket())
-        self._green_spawn(request, client_address)
+        hub.spawn(self._green_run, request, client_address)
 
     def _green_park(self, sock: GreenSocket, client_address: Any) -> None:
         hub = self._green_hub
@@ -594,11 +638,9 @@ class GreenMixIn(_MixInBase):
             )
         return self._green_dgram
 
-    def _green_spawn(self, request: Any, client_address: Any) -> None:
-        self._green_hub.spawn(self._green_run, request, client_address)
-
     def _green_run(self, request: Any, client_address: Any) -> None:
-        self._green_greenlets.add(getcurrent())
+        current = getcurrent()
+        self._green_greenlets.add(current)
         try:
             self._netserve_run_request(request, client_address)
         except greenlet.GreenletExit:
@@ -611,7 +653,7 @@ class GreenMixIn(_MixInBase):
                 )
             )
         finally:
-            self._green_greenlets.discard(getcurrent())
+            self._green_greenlets.discard(current)
             self._green_hub.active -= 1
 
     def green_statistics(self) -> dict[str, int]:
@@ -641,6 +683,17 @@ class GreenMixIn(_MixInBase):
         if not self.block_on_close:
             for child in list(self._green_greenlets):
                 child.throw()  # GreenletExit: finally blocks run, requests close
+
+
+# The hooks that _green_accept_streams() stands in for, with the functions
+# that must still be the server's for it to do so.
+_DEFAULT_ACCEPT_HOOKS = (
+    ("_handle_request_noblock", BaseServer._handle_request_noblock),
+    ("get_request", GreenMixIn.get_request),
+    ("verify_request", BaseServer.verify_request),
+    ("process_request", GreenMixIn.process_request),
+    ("_green_start", GreenMixIn._green_start),
+)
 
 
 class GreenTCPServer(GreenMixIn, TCPServer):

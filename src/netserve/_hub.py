@@ -131,6 +131,7 @@ class Hub:
         self._lock = threading.Lock()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._ident: int | None = None  # the thread's, while it runs the loop
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         # Reasons to keep the thread alive besides live greenlets.
@@ -147,7 +148,7 @@ class Hub:
         return self._thread
 
     def on_hub_thread(self) -> bool:
-        return self._thread is threading.current_thread()
+        return self._ident == threading.get_ident()
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the hub's thread, starting the thread if needed."""
@@ -216,6 +217,7 @@ class Hub:
         self._thread.start()
 
     def _main(self) -> None:
+        self._ident = threading.get_ident()
         _local.hub = self
         self.greenlet = greenlet.getcurrent()
         try:
@@ -240,6 +242,7 @@ class Hub:
         self._wake_w.close()
         self._epoll = self._wake_r = self._wake_w = None
         self._thread = None
+        self._ident = None
         self.greenlet = None
 
     def _idle(self) -> bool:
