@@ -465,3 +465,34 @@ def test_overridden_accepting_hooks_are_called_on_the_hub() -> None:
             accepted.shutdown(socket.SHUT_WR)
             assert recv_all(accepted) == b"HELLO\n"
     assert calls == ["get_request", "verify_request"] * 2
+
+
+def test_wfile_writes_everything_it_is_given() -> None:
+    # wfile (wbufsize 0) over a GreenSocket sends bytes straight to the system
+    # call; a reply larger than the socket buffers takes many partial sends.
+    big = bytes(range(256)) * 4096  # 1 MiB
+    outcome: dict[str, Any] = {}
+
+    class Writer(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.rfile.readline()
+            # Small buffers: the first send() cannot take it all.
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            outcome["counts"] = [
+                self.wfile.write(big),
+                self.wfile.write(bytearray(b"array;")),
+                self.wfile.write(memoryview(b"..view;")[2:]),
+            ]
+
+        def finish(self) -> None:
+            super().finish()
+            try:
+                self.wfile.write(b"too late")
+            except ValueError as exc:
+                outcome["closed"] = str(exc)
+
+    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Writer)) as serving:
+        with connect(serving.address) as client:
+            client.sendall(b"go\n")
+            assert recv_all(client) == big + b"array;view;"
+    assert outcome == {"counts": [len(big), 6, 5], "closed": "write to closed file"}

@@ -32,6 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from netserve._errors import MissingExtraError
+from netserve._handlers import _SendallWriter
 from netserve._loop import drain
 from netserve._servers import BaseServer, TCPServer, UDPServer
 
@@ -80,6 +81,10 @@ _base_close = _socket.socket.close
 _socket_init = _socket.socket.__init__
 
 
+def _closed_while_waiting() -> OSError:
+    return OSError(errno.EBADF, "the socket was closed while waiting on it")
+
+
 def green_sleep(seconds: float) -> None:
     """Sleep without stalling the hub; a plain ``time.sleep()`` anywhere else."""
     hub = None if current_hub is None else current_hub()
@@ -96,6 +101,9 @@ class GreenSocket(socket.socket):
     is always non-blocking; ``settimeout()``/``setblocking()`` set what the
     caller sees, as on a plain socket.
     """
+
+    # StreamRequestHandler's wfile when wbufsize == 0 (set below).
+    _netserve_sendall_writer: type[_SendallWriter]
 
     __slots__ = (
         "_green_timeout",
@@ -172,7 +180,7 @@ class GreenSocket(socket.socket):
         if outcome is None:
             return
         if outcome is _CLOSED:
-            raise OSError(errno.EBADF, "the socket was closed while waiting on it")
+            raise _closed_while_waiting()
         raise TimeoutError("timed out")
 
     # -- reading -----------------------------------------------------------------------
@@ -220,7 +228,7 @@ class GreenSocket(socket.socket):
         finally:
             self._reader = None
         if outcome is not None:
-            raise OSError(errno.EBADF, "the socket was closed while waiting on it")
+            raise _closed_while_waiting()
 
     def _retry(self, call: Any, write: bool, *args: Any) -> Any:
         """Call until it stops raising BlockingIOError, waiting cooperatively."""
@@ -400,7 +408,14 @@ class _GreenSocketIO(socket.SocketIO):
                 raise
         while True:
             if not sock._readable:
-                sock._wait_readable(None)
+                # sock._wait_readable(None), inline: every request waits here.
+                sock._reader = getcurrent()
+                try:
+                    outcome = sock._hub.greenlet.switch()  # type: ignore[union-attr]
+                finally:
+                    sock._reader = None
+                if outcome is not None:
+                    raise _closed_while_waiting()
             try:
                 count = _recv_into(sock, b)
             except BlockingIOError:
@@ -409,6 +424,32 @@ class _GreenSocketIO(socket.SocketIO):
             if 0 < count < len(b):  # type: ignore[arg-type]
                 sock._readable = sock._hangup
             return count
+
+
+class _GreenSendallWriter(_SendallWriter):
+    """``wfile`` (``wbufsize == 0``) over a GreenSocket.
+
+    Bytes go to the system call directly, as GreenSocket.sendall() would send
+    them, one Python call fewer for every reply; the rest goes through sendall().
+    """
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        if type(data) is not bytes or self.closed:
+            return super().write(data)
+        sock: GreenSocket = self._sock  # type: ignore[assignment]
+        try:
+            sent = _send(sock, data)
+        except BlockingIOError:
+            if sock._green_timeout == 0.0:
+                raise
+            sent = 0
+        if sent < len(data):
+            with memoryview(data) as view:
+                sock.sendall(view[sent:])
+        return len(data)
+
+
+GreenSocket._netserve_sendall_writer = _GreenSendallWriter
 
 
 class _Starter:

@@ -95,9 +95,12 @@ class StreamRequestHandler(BaseRequestHandler):
         if self.disable_nagle_algorithm:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.rfile = conn.makefile("rb", self.rbufsize)
-        self.wfile = (
-            _SendallWriter(conn) if self.wbufsize == 0 else conn.makefile("wb", self.wbufsize)
-        )
+        if self.wbufsize == 0:
+            # The socket's class may name a faster writer of its own (GreenSocket).
+            writer = getattr(type(conn), "_netserve_sendall_writer", _SendallWriter)
+            self.wfile = writer(conn)
+        else:
+            self.wfile = conn.makefile("wb", self.wbufsize)
 
     def finish(self) -> None:
         """Flush what is left in ``wfile`` (a gone peer is not an error); close both."""

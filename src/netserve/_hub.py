@@ -263,31 +263,34 @@ class Hub:
 
     # -- greenlets (rule 4) ----------------------------------------------------------
 
-    def spawn(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` in a greenlet now, until it first waits; from the hub's thread.
+    def spawn(self, fn: Callable[[Any, Any], None], first: Any, second: Any) -> None:
+        """Run ``fn(first, second)`` in a greenlet now, until it first waits.
 
-        ``fn`` should not raise: an exception it lets out ends the loop.
+        From the hub's thread. ``fn`` should not raise: an exception it lets
+        out ends the loop. (Two fixed arguments, not ``*args``: a call with
+        ``*args`` runs through C, and every C frame on a greenlet's stack is
+        copied out and back at each of its switches.)
         """
         spares = self._spares
         if spares:
             worker = spares.pop()
             # A new greenlet starts in an empty context; so does a reused one.
             worker.gr_context = None
-            worker.switch(fn, args)
+            worker.switch(fn, first, second)
         else:
-            greenlet.greenlet(self._work, self.greenlet).switch(fn, args)
+            greenlet.greenlet(self._work, self.greenlet).switch(fn, first, second)
 
-    def _work(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def _work(self, fn: Callable[[Any, Any], None], first: Any, second: Any) -> None:
         spares = self._spares
         current = greenlet.getcurrent()
         hub_greenlet = current.parent
         while True:
-            fn(*args)
-            del args  # nothing of the last task stays alive while spare
+            fn(first, second)
+            del first, second  # nothing of the last task stays alive while spare
             if len(spares) >= self.max_spares or self._closing:
                 return
             spares.append(current)
-            fn, args = hub_greenlet.switch()
+            fn, first, second = hub_greenlet.switch()
 
     def _end_spares(self) -> None:
         spares = self._spares
