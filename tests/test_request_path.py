@@ -295,3 +295,79 @@ def test_base_server_without_fileno_says_what_is_missing() -> None:
     server = netserve.BaseServer(("127.0.0.1", 0), Echo)
     with pytest.raises(NotImplementedError, match="fileno"):
         server.fileno()
+
+
+def _handler_shapes(log: list[Any]) -> dict[str, type]:
+    """Handler classes that calling a class treats differently."""
+
+    class Plain(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            log.append(("handle", self.request, self.client_address))
+
+    class OwnNew(netserve.BaseRequestHandler):
+        def __new__(cls, *args: Any) -> Any:
+            log.append(("new", args[:2]))
+            return super().__new__(cls)
+
+        def handle(self) -> None:
+            log.append(("handle", self.request))
+
+    class Meta(type):
+        def __call__(cls, *args: Any) -> Any:
+            log.append(("meta", args[:2]))
+            return super().__call__(*args)
+
+    class WithMeta(netserve.BaseRequestHandler, metaclass=Meta):
+        def handle(self) -> None:
+            log.append(("handle", self.request))
+
+    class Elsewhere(netserve.BaseRequestHandler):
+        def __new__(cls, *args: Any) -> Any:
+            return Plain(*args)  # not an instance of cls: its __init__ is skipped
+
+        def handle(self) -> None:
+            log.append(("never",))
+
+    class ReturnsValue(netserve.BaseRequestHandler):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            return 42  # type: ignore[return-value]  # noqa: PLE0101 (the point)
+
+    return {
+        "plain": Plain,
+        "own __new__": OwnNew,
+        "metaclass __call__": WithMeta,
+        "__new__ of another class": Elsewhere,
+        "__init__ returning a value": ReturnsValue,
+    }
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "plain",
+        "own __new__",
+        "metaclass __call__",
+        "__new__ of another class",
+        "__init__ returning a value",
+    ],
+)
+def test_finish_request_instantiates_as_calling_the_class_does(shape: str) -> None:
+    # netserve instantiates plain handler classes in two steps (see
+    # finish_request); every other shape must see what the stdlib's call does.
+    import socketserver
+
+    outcomes = []
+    for module in (netserve, socketserver):
+        log: list[Any] = []
+        handler_class = _handler_shapes(log)[shape]
+        server = module.TCPServer(("127.0.0.1", 0), handler_class, bind_and_activate=False)
+        try:
+            server.finish_request("the request", ("127.0.0.1", 1))
+        except TypeError as exc:
+            log.append(("TypeError", str(exc)))
+        finally:
+            server.server_close()
+        outcomes.append(log)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0]  # something happened

@@ -16,7 +16,7 @@ thread pool, or use the thread-pool model.
 Hooks overridden: ``serve_forever`` (accepting happens on the hub's thread),
 ``process_request``, ``server_close``. Attributes read:
 ``park_until_readable``, ``park_timeout``, ``daemon_threads`` (the hub
-thread's), ``block_on_close``.
+thread's), ``block_on_close``, ``accept_batch``, ``spare_greenlets``.
 """
 
 from __future__ import annotations
