@@ -395,6 +395,8 @@ class _GreenSocketIO(socket.SocketIO):
     two Python calls fewer per read.
     """
 
+    __slots__ = ("_sock",)  # read on every read (see _GreenSendallWriter)
+
     def readinto(self, b: WriteableBuffer) -> int | None:
         sock: GreenSocket | None = self._sock  # type: ignore[attr-defined]
         if sock is None:
@@ -432,6 +434,10 @@ class _GreenSendallWriter(_SendallWriter):
     Bytes go to the system call directly, as GreenSocket.sendall() would send
     them, one Python call fewer for every reply; the rest goes through sendall().
     """
+
+    # A slot, not the instance dict: read on every write, and with thousands of
+    # connections each dict lookup is likely a cache miss.
+    __slots__ = ("_sock",)
 
     def write(self, data: ReadableBuffer, /) -> int:
         if type(data) is not bytes or self.closed:
