@@ -40,12 +40,13 @@ try:
     import greenlet
     from greenlet import getcurrent
 
-    from netserve._hub import Hub, current_hub
+    from netserve._hub import SOCKET_EVENTS, Hub, current_hub
 except ImportError as exc:  # the [green] extra is not installed
     if exc.name != "greenlet":
         raise
     greenlet = getcurrent = None
     Hub = current_hub = None  # type: ignore[assignment, misc]
+    SOCKET_EVENTS = 0
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -144,7 +145,9 @@ class GreenSocket(socket.socket):
         self._readable = True
         self._hangup = False
         self._stream = kind == socket.SOCK_STREAM
-        hub.register(fileno, self)
+        # hub.register(), inline (once per connection).
+        hub._epoll.register(fileno, SOCKET_EVENTS)  # type: ignore[union-attr]
+        hub.sockets[fileno] = self
 
     # -- timeouts, as the caller sees them ---------------------------------------------
 
@@ -396,9 +399,23 @@ class _GreenSocketIO(socket.SocketIO):
     """
 
     __slots__ = ("_sock",)  # read on every read (see _GreenSendallWriter)
+    _sock: GreenSocket | None
+
+    def close(self) -> None:
+        # As SocketIO.close(), with the socket's reference count kept inline
+        # (once per connection, one Python call fewer).
+        sock = self._sock
+        if sock is None:
+            return
+        io.RawIOBase.close(self)
+        self._sock = None
+        if sock._io_refs > 0:
+            sock._io_refs -= 1
+        if sock._closed:
+            sock.close()
 
     def readinto(self, b: WriteableBuffer) -> int | None:
-        sock: GreenSocket | None = self._sock  # type: ignore[attr-defined]
+        sock = self._sock
         if sock is None:
             raise ValueError("I/O operation on closed socket file")
         if sock._green_timeout is not None or not sock._stream:
@@ -459,16 +476,24 @@ GreenSocket._netserve_sendall_writer = _GreenSendallWriter
 
 
 class _Starter:
-    """Sits where a parked connection's reader would: its first event starts
-    the handler's greenlet."""
+    """A parked connection: it sits where the socket's reader would, and the
+    socket's first event starts the handler's greenlet."""
 
     __slots__ = ("address", "server", "sock", "timer")
 
     def __init__(self, server: GreenMixIn, sock: GreenSocket, address: Any) -> None:
+        # Parks the socket as it is made (once per connection, so one call).
         self.server = server
         self.sock = sock
         self.address = address
-        self.timer: Timer | None = None
+        sock._reader = self
+        server._green_parked.add(sock)
+        timeout = server.park_timeout
+        self.timer: Timer | None = (
+            None
+            if timeout is None
+            else server._green_hub.call_later(timeout, server._green_park_expired, self)
+        )
 
     def switch(self, *args: Any) -> None:
         if self.timer is not None:
@@ -591,7 +616,7 @@ class GreenMixIn(_MixInBase):
             hub.active += 1
             try:
                 if park:
-                    self._green_park(sock, client_address)
+                    _Starter(self, sock, client_address)
                 else:
                     hub.spawn(self._green_run, sock, client_address)
             except Exception:
@@ -650,19 +675,11 @@ class GreenMixIn(_MixInBase):
             if not isinstance(request, GreenSocket):
                 request = GreenSocket(hub, request)
             if self.park_until_readable and request._stream:
-                self._green_park(request, client_address)
+                _Starter(self, request, client_address)
                 return
         elif isinstance(request, tuple) and request[1] is self.socket:
             request = (request[0], self._green_datagram_socket())
         hub.spawn(self._green_run, request, client_address)
-
-    def _green_park(self, sock: GreenSocket, client_address: Any) -> None:
-        hub = self._green_hub
-        starter = _Starter(self, sock, client_address)
-        sock._reader = starter
-        self._green_parked.add(sock)
-        if self.park_timeout is not None:
-            starter.timer = hub.call_later(self.park_timeout, self._green_park_expired, starter)
 
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
