@@ -127,6 +127,19 @@ PLANS = {
         udp=False,
         shutdown=False,
     ),
+    # The rows and scenarios of issue 3's targets only, in five alternating
+    # rounds: on a shared machine the peers of a ratio are measured a minute
+    # apart instead of ten, and the median of five shrugs off a noisy window.
+    "targets": Plan(
+        ["netserve-hub", "uvloop-protocol", "uvloop-streams", "netserve-pool", "stdlib-threading"],
+        [PINGPONG[2], PINGPONG[3], CHURN[1]],
+        rounds=5,
+        warmup_s=1.0,
+        window_s=3.0,
+        idle=True,
+        udp=False,
+        shutdown=False,
+    ),
     "full": Plan(
         ALL_ROWS,
         PINGPONG + CHURN,

@@ -145,7 +145,7 @@ class GreenSocket(socket.socket):
         self._readable = True
         self._hangup = False
         self._stream = kind == socket.SOCK_STREAM
-        # hub.register(), inline (once per connection).
+        # Registered with the hub's epoll once, for good (rule 2 of _hub).
         hub._epoll.register(fileno, SOCKET_EVENTS)  # type: ignore[union-attr]
         hub.sockets[fileno] = self
 
