@@ -401,19 +401,6 @@ class _GreenSocketIO(socket.SocketIO):
     __slots__ = ("_sock",)  # read on every read (see _GreenSendallWriter)
     _sock: GreenSocket | None
 
-    def close(self) -> None:
-        # As SocketIO.close(), with the socket's reference count kept inline
-        # (once per connection, one Python call fewer).
-        sock = self._sock
-        if sock is None:
-            return
-        io.RawIOBase.close(self)
-        self._sock = None
-        if sock._io_refs > 0:
-            sock._io_refs -= 1
-        if sock._closed:
-            sock.close()
-
     def readinto(self, b: WriteableBuffer) -> int | None:
         sock = self._sock
         if sock is None:
