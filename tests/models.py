@@ -50,3 +50,7 @@ MODELS = {
 # Models that handle requests concurrently, so a request can be in flight while
 # the serving loop stops.
 CONCURRENT = ["threading", "forking", "pool", "hub"]
+
+# Models that park a silent stream connection until its first byte
+# (park_until_readable, park_timeout).
+PARKING = ["pool", "hub"]

@@ -255,21 +255,7 @@ def test_handle_request_runs_the_handler_on_the_hub() -> None:
             assert recv_all(client) == b"ONE SHOT\n"
 
 
-def test_park_timeout_and_server_speaks_first() -> None:
-    class Banner(netserve.StreamRequestHandler):
-        def handle(self) -> None:
-            self.wfile.write(b"220 ready\n")
-            self.wfile.write(self.rfile.readline().upper())
-
-    class Speaking(netserve.GreenTCPServer):
-        park_until_readable = False
-
-    with Serving(Speaking(("127.0.0.1", 0), Banner)) as serving:
-        with connect(serving.address) as client:
-            assert client.recv(100) == b"220 ready\n"
-            client.sendall(b"helo\n")
-            assert client.recv(100) == b"HELO\n"
-
+def test_park_timeout_closes_silent_connections() -> None:
     class Impatient(netserve.GreenTCPServer):
         park_timeout = 0.05
 

@@ -20,7 +20,7 @@ import pytest
 
 import netserve
 from tests.conftest import Serving, connect, recv_all
-from tests.models import CONCURRENT, MODELS
+from tests.models import CONCURRENT, MODELS, PARKING
 
 
 class LineEcho(netserve.StreamRequestHandler):
@@ -194,3 +194,18 @@ def test_stdlib_http_handler(model: str, tmp_path: Path) -> None:
                 assert response.read() == b"served by netserve\n"
             finally:
                 conn.close()
+
+
+@pytest.mark.parametrize("model", PARKING)
+def test_server_speaks_first_without_parking(model: str) -> None:
+    class Banner(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 hello\n")
+            self.wfile.write(self.rfile.readline().upper())
+
+    server_class = type("Speaking", (MODELS[model].tcp,), {"park_until_readable": False})
+    with Serving(server_class(("127.0.0.1", 0), Banner)) as serving:
+        with connect(serving.address) as client:
+            assert client.recv(100) == b"220 hello\n"  # before the client said anything
+            client.sendall(b"ehlo\n")
+            assert client.recv(100) == b"EHLO\n"

@@ -114,22 +114,6 @@ def test_park_timeout_closes_silent_connections() -> None:
         assert server.statistics().handled == 0
 
 
-def test_server_speaks_first_without_parking() -> None:
-    class Banner(netserve.StreamRequestHandler):
-        def handle(self) -> None:
-            self.wfile.write(b"220 hello\n")
-            self.wfile.write(self.rfile.readline().upper())
-
-    class Server(netserve.ThreadPoolTCPServer):
-        park_until_readable = False
-
-    with Serving(Server(("127.0.0.1", 0), Banner)) as serving:
-        with connect(serving.address) as client:
-            assert client.recv(100) == b"220 hello\n"  # before the client said anything
-            client.sendall(b"ehlo\n")
-            assert client.recv(100) == b"EHLO\n"
-
-
 def test_workers_are_reused_and_bounded() -> None:
     seen: set[int] = set()
 

@@ -362,11 +362,9 @@ class GreenSocket(socket.socket):
     # -- closing -----------------------------------------------------------------------
 
     def _real_close(self, _ss: Any = socket.socket) -> None:
-        # Once per connection, so done inline: forget the descriptor, wake any
-        # waiter, close.
         fd = _fileno(self)
-        if fd >= 0 and self._hub.sockets.get(fd) is self:
-            del self._hub.sockets[fd]
+        if fd >= 0:
+            self._hub.forget(fd, self)
         if self._reader is not None or self._writer is not None:
             self._wake_waiters()
         _base_close(self)
