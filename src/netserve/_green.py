@@ -22,7 +22,6 @@ thread's), ``block_on_close``, ``accept_batch``, ``spare_greenlets``.
 from __future__ import annotations
 
 import _socket
-import errno
 import io
 import os
 import select
@@ -40,12 +39,19 @@ try:
     import greenlet
     from greenlet import getcurrent
 
+    from netserve._greenfile import (
+        GreenReader,
+        GreenSendallWriter,
+        GreenSocketIO,
+        closed_while_waiting,
+    )
     from netserve._hub import SOCKET_EVENTS, Hub, current_hub
 except ImportError as exc:  # the [green] extra is not installed
     if exc.name != "greenlet":
         raise
     greenlet = getcurrent = None
     Hub = current_hub = None  # type: ignore[assignment, misc]
+    GreenReader = GreenSendallWriter = GreenSocketIO = closed_while_waiting = None  # type: ignore[assignment, misc]
     SOCKET_EVENTS = 0
 
 if TYPE_CHECKING:
@@ -80,10 +86,6 @@ _fileno = socket.socket.fileno
 _base_setblocking = socket.socket.setblocking
 _base_close = _socket.socket.close
 _socket_init = _socket.socket.__init__
-
-
-def _closed_while_waiting() -> OSError:
-    return OSError(errno.EBADF, "the socket was closed while waiting on it")
 
 
 def green_sleep(seconds: float) -> None:
@@ -183,7 +185,7 @@ class GreenSocket(socket.socket):
         if outcome is None:
             return
         if outcome is _CLOSED:
-            raise _closed_while_waiting()
+            raise closed_while_waiting()
         raise TimeoutError("timed out")
 
     # -- reading -----------------------------------------------------------------------
@@ -191,7 +193,7 @@ class GreenSocket(socket.socket):
     def _read(self, call: Any, size: int, flags: int, *args: Any) -> Any:
         """A stream-aware cooperative read (recv, recv_into), using the readable
         hint of rule 2 in _hub. (rfile's reads take the same steps inline, in
-        _GreenSocketIO.readinto.)"""
+        GreenReader._receive.)"""
         if self._green_timeout == 0.0:
             return call(self, *args, flags)
         deadline = self._deadline()
@@ -231,7 +233,7 @@ class GreenSocket(socket.socket):
         finally:
             self._reader = None
         if outcome is not None:
-            raise _closed_while_waiting()
+            raise closed_while_waiting()
 
     def _retry(self, call: Any, write: bool, *args: Any) -> Any:
         """Call until it stops raising BlockingIOError, waiting cooperatively."""
@@ -331,14 +333,14 @@ class GreenSocket(socket.socket):
         errors: str | None = None,
         newline: str | None = None,
     ) -> Any:
-        """As ``socket.makefile``, over a raw reader with less work per read."""
+        """As ``socket.makefile``; a binary reader is a GreenReader (see _greenfile)."""
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         reading, writing, binary = "r" in mode, "w" in mode, "b" in mode
         if not (reading or writing):
             raise ValueError("a socket file must be readable, writable or both")
         rawmode: Any = ("r" if reading else "") + ("w" if writing else "")
-        raw = _GreenSocketIO(self, rawmode)
+        raw = GreenSocketIO(self, rawmode)
         self._io_refs += 1
         if buffering is None or buffering < 0:
             buffering = io.DEFAULT_BUFFER_SIZE
@@ -350,7 +352,7 @@ class GreenSocket(socket.socket):
         if reading and writing:
             buffer = io.BufferedRWPair(raw, raw, buffering)
         elif reading:
-            buffer = io.BufferedReader(raw, buffering)
+            buffer = GreenReader(raw, buffering) if binary else io.BufferedReader(raw, buffering)
         else:
             buffer = io.BufferedWriter(raw, buffering)
         if binary:
@@ -387,77 +389,8 @@ class GreenSocket(socket.socket):
         self._reader = self._writer = None
 
 
-class _GreenSocketIO(socket.SocketIO):
-    """The raw file under a GreenSocket's makefile().
-
-    ``readinto`` is the hottest path of a hub server (every ``rfile`` read), so
-    for an untimed stream it does the cooperative read itself instead of going
-    through ``SocketIO.readinto`` and ``GreenSocket.recv_into``: the same steps,
-    two Python calls fewer per read.
-    """
-
-    __slots__ = ("_sock",)  # read on every read (see _GreenSendallWriter)
-    _sock: GreenSocket | None
-
-    def readinto(self, b: WriteableBuffer) -> int | None:
-        sock = self._sock
-        if sock is None:
-            raise ValueError("I/O operation on closed socket file")
-        if sock._green_timeout is not None or not sock._stream:
-            try:
-                return sock.recv_into(b)
-            except TimeoutError:
-                # As SocketIO: after a timeout the stream position is unknown.
-                self._timeout_occurred = True
-                raise
-        while True:
-            if not sock._readable:
-                # sock._wait_readable(None), inline: every request waits here.
-                sock._reader = getcurrent()
-                try:
-                    outcome = sock._hub.greenlet.switch()  # type: ignore[union-attr]
-                finally:
-                    sock._reader = None
-                if outcome is not None:
-                    raise _closed_while_waiting()
-            try:
-                count = _recv_into(sock, b)
-            except BlockingIOError:
-                sock._readable = False
-                continue
-            if 0 < count < len(b):  # type: ignore[arg-type]
-                sock._readable = sock._hangup
-            return count
-
-
-class _GreenSendallWriter(_SendallWriter):
-    """``wfile`` (``wbufsize == 0``) over a GreenSocket.
-
-    Bytes go to the system call directly, as GreenSocket.sendall() would send
-    them, one Python call fewer for every reply; the rest goes through sendall().
-    """
-
-    # A slot, not the instance dict: read on every write, and with thousands of
-    # connections each dict lookup is likely a cache miss.
-    __slots__ = ("_sock",)
-
-    def write(self, data: ReadableBuffer, /) -> int:
-        if type(data) is not bytes or self.closed:
-            return super().write(data)
-        sock: GreenSocket = self._sock  # type: ignore[assignment]
-        try:
-            sent = _send(sock, data)
-        except BlockingIOError:
-            if sock._green_timeout == 0.0:
-                raise
-            sent = 0
-        if sent < len(data):
-            with memoryview(data) as view:
-                sock.sendall(view[sent:])
-        return len(data)
-
-
-GreenSocket._netserve_sendall_writer = _GreenSendallWriter
+if GreenSendallWriter is not None:
+    GreenSocket._netserve_sendall_writer = GreenSendallWriter
 
 
 class _Starter:
