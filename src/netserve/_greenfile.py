@@ -123,7 +123,10 @@ class GreenReader(io.BufferedIOBase):
             return data
 
     def _take(self, count: int) -> bytes:
-        """Up to ``count`` buffered bytes (all of them if negative), consumed."""
+        """Up to ``count`` buffered bytes (all of them if negative), consumed.
+
+        A buffer read to its end becomes b"": the buffer is either empty or
+        holds bytes from ``_pos`` on, so that ``not self._buffer`` tells."""
         buffer, pos = self._buffer, self._pos
         end = len(buffer) if count < 0 else min(len(buffer), pos + count)
         if end == len(buffer):
@@ -150,9 +153,9 @@ class GreenReader(io.BufferedIOBase):
     def readline(self, size: Any = -1, /) -> bytes:
         if type(size) is not int:
             size = _size_argument(size)
-        buffer = self._buffer
-        if self._pos == len(buffer):
-            # Nothing buffered: the usual case between requests.
+        if not self._buffer:
+            # Nothing buffered (then it is b"", see _take): the usual case
+            # between requests.
             if size == 0:
                 return self._nothing("readline")
             data = self._receive(self._size, "readline")
@@ -230,7 +233,7 @@ class GreenReader(io.BufferedIOBase):
             size = _size_argument(size)
         if size == 0:
             return self._nothing(what)
-        if self._pos < len(self._buffer):
+        if self._buffer:
             return self._take(size)
         data = self._receive(max(size, self._size), what)
         if not data:
@@ -239,7 +242,7 @@ class GreenReader(io.BufferedIOBase):
 
     def peek(self, size: Any = 0, /) -> bytes:
         operator.index(size)  # unused (as in io.BufferedReader), but an integer
-        if self._pos == len(self._buffer):
+        if not self._buffer:
             data = self._receive(self._size, "peek")
             if not data:
                 return b""
@@ -332,7 +335,8 @@ class GreenSendallWriter(_SendallWriter):
             if sock._green_timeout == 0.0:
                 raise
             sent = 0
-        if sent < len(data):
+        size = len(data)
+        if sent < size:
             with memoryview(data) as view:
                 sock.sendall(view[sent:])
-        return len(data)
+        return size
