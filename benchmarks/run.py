@@ -197,13 +197,22 @@ def _pinned(core: int | None) -> Any:
 class Server:
     """A server row in its own process; stopped (and its children) on exit."""
 
-    def __init__(self, row: str, tools: dict[str, Path], core: int | None, *, udp: bool) -> None:
+    def __init__(
+        self,
+        row: str,
+        tools: dict[str, Path],
+        core: int | None,
+        *,
+        udp: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if row == "c-epoll":
             command = [str(tools["echo_server"]), "0"]
         else:
             command = [sys.executable, str(HERE / "servers.py"), row] + (["udp"] if udp else [])
         self.proc = subprocess.Popen(
             command,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -19,14 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def need_a_compiler() -> None:
     if shutil.which(os.environ.get("CC", "cc")) is None:
         # scripts/test installs a compiler; without one under CI this fails.
         message = "the benchmark smoke test needs a C compiler"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need_a_compiler()
     out = tmp_path_factory.mktemp("bench")
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
@@ -61,3 +65,48 @@ def test_smoke_run_writes_the_reports(smoke_results: Path) -> None:
     assert "## shutdown() latency" in report
     png = (smoke_results / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(120)
+def test_ab_compares_two_trees_window_by_window() -> None:
+    need_a_compiler()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ab.py"),
+            "netserve-hub",
+            f"netserve-hub@{ROOT}",
+            "--scenario",
+            "pingpong c=16",
+            "--rounds",
+            "2",
+            "--window",
+            "0.3",
+            "--warmup",
+            "0.1",
+        ],
+        check=True,
+        timeout=100,
+        capture_output=True,
+        text=True,
+    )
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["pair 1", "pair 2"]
+    assert lines[2].startswith(f"pingpong c=16, netserve-hub / netserve-hub@{ROOT} over 2 pairs:")
+
+
+def test_ab_refuses_a_tree_without_netserve(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ab.py"),
+            "netserve-hub",
+            f"netserve-hub@{tmp_path}",
+        ],
+        check=False,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "has no src/netserve" in result.stderr
