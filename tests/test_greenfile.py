@@ -125,6 +125,12 @@ def check_against_the_stream(
 
 
 @settings(max_examples=150, deadline=None)
+@example(  # lines longer than readline's small reads, then short ones, then long again
+    chunks=[b"0" * 20] * 40 + [b"\n", b"xyz\n", b"\n"] + [b"0" * 20] * 40 + [b"\n"],
+    operations=[("readline", None)] * 5,
+    buffering=8192,
+    pieces=None,
+)
 @example(  # a limit shorter than the one line that one recv brought
     chunks=[b"a longer line\n"],
     operations=[("readline", 3), ("readline", None)],
