@@ -81,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             cpu = [figures[side]["server_cpu_s"] / figures[side]["requests"] for side in (0, 1)]
             rps_ratios.append(rps[0] / rps[1])
             cpu_ratios.append(cpu[1] / cpu[0] if cpu[0] else float("nan"))
+            steal = [
+                figures[side]["steal"] for side in (0, 1) if figures[side]["steal"] is not None
+            ]
+            stolen = f", steal {max(steal):.1%}" if steal else ""
             print(
                 f"pair {round_ + 1}: {args.a} {rps[0]:,.0f}/s {cpu[0] * 1e6:.1f} us, "
                 f"{args.b} {rps[1]:,.0f}/s {cpu[1] * 1e6:.1f} us; "
-                f"ratio {rps_ratios[-1]:.3f}, cpu {cpu_ratios[-1]:.3f}",
+                f"ratio {rps_ratios[-1]:.3f}, cpu {cpu_ratios[-1]:.3f}{stolen}",
                 flush=True,
             )
     print(

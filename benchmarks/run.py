@@ -225,6 +225,7 @@ class Server:
             self.stop()
             raise RuntimeError(f"{row} did not start: {line!r} {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
         self.port = int(line.split()[1])
+        self.core = core
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the server process and its reaped children."""
@@ -293,6 +294,40 @@ def run_client(
 # -- measuring -------------------------------------------------------------------------
 
 
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core: (ticks stolen by the hypervisor, all ticks), from /proc/stat."""
+    times = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(field) for field in fields]
+            # user nice system idle iowait irq softirq steal ...
+            times[int(name[3:])] = (ticks[7] if len(ticks) > 7 else 0, sum(ticks[:8]))
+    return times
+
+
+def steal_share(before: dict[int, tuple[int, int]], cores: list[int | None]) -> float | None:
+    """The larger share of time the hypervisor took from these cores since ``before``.
+
+    On a shared host a window where it took much (the client's or the server's
+    core stalled) measures the host, not the server.
+    """
+    after = core_times()
+    shares = []
+    for core in cores:
+        if core is None or core not in before or core not in after:
+            continue
+        stolen = after[core][0] - before[core][0]
+        total = after[core][1] - before[core][1]
+        if total > 0:
+            shares.append(stolen / total)
+    return round(max(shares), 3) if shares else None
+
+
 def measure(
     server: Server, tools: dict[str, Path], client_core: int | None, scenario: Scenario, plan: Plan
 ) -> dict[str, Any]:
@@ -300,8 +335,10 @@ def measure(
     # malloc thresholds adapt (measured here while building this harness).
     run_client(tools, client_core, server.port, scenario, plan.warmup_s)
     cpu_before = server.cpu_seconds()
+    times_before = core_times()
     figures = run_client(tools, client_core, server.port, scenario, plan.window_s)
     figures["server_cpu_s"] = round(server.cpu_seconds() - cpu_before, 3)
+    figures["steal"] = steal_share(times_before, [server.core, client_core])
     return figures
 
 
@@ -327,8 +364,10 @@ def measure_idle(
         run_client(tools, client_core, server.port, busy, plan.warmup_s)
         rss_after = server.rss_bytes()
         cpu_before = server.cpu_seconds()
+        times_before = core_times()
         figures = run_client(tools, client_core, server.port, busy, plan.window_s)
         figures["server_cpu_s"] = round(server.cpu_seconds() - cpu_before, 3)
+        figures["steal"] = steal_share(times_before, [server.core, client_core])
     finally:
         assert holder.stdin is not None
         holder.stdin.close()  # the holder drains and exits
@@ -466,6 +505,8 @@ def summarise(results: Results) -> dict[str, dict[str, dict[str, Any]]]:
         ]
         if per_conn:
             summary["bytes_per_idle_conn"] = statistics.median(per_conn)
+        steal = [r["steal"] for r in runs if r.get("steal") is not None]
+        summary["steal"] = max(steal) if steal else None
         table.setdefault(scenario, {})[row] = summary
     return table
 
@@ -507,7 +548,9 @@ def markdown(results: Results) -> str:
         f"client to core {m['client_core']}.",
         "",
         "Requests/s are medians of the rounds (spread: min to max). CPU is the share of "
-        "one core used during the window; a client near 100% means the client was the limit.",
+        "one core used during the window; a client near 100% means the client was the limit. "
+        "Steal is the most time the hypervisor took from the server's or the client's core "
+        "in any round's window: a few percent means that round measured the host.",
         "",
     ]
     if results.skipped:
@@ -539,9 +582,9 @@ def markdown(results: Results) -> str:
             f"## {scenario}",
             "",
             "| server | req/s | spread | p50 µs | p99 µs | errors | server CPU | client CPU "
-            "| / C | / stdlib threading |"
+            "| steal | / C | / stdlib threading |"
             + (" idle bytes/conn |" if scenario == IDLE.name else ""),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             + ("---:|" if scenario == IDLE.name else ""),
         ]
         for row, s in sorted(rows.items(), key=lambda item: -item[1]["rps"]):
@@ -556,6 +599,7 @@ def markdown(results: Results) -> str:
                 str(s["errors"]),
                 f"{100 * s['server_cpu']:.0f}%",
                 f"{100 * s['client_cpu']:.0f}%",
+                "" if s["steal"] is None else f"{100 * s['steal']:.1f}%",
                 "" if to_c is None else f"{to_c:.2f}",
                 "" if to_threading is None else f"{to_threading:.2f}",
             ]

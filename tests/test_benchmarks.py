@@ -55,6 +55,9 @@ def test_smoke_run_measures_every_row_without_errors(smoke_results: Path) -> Non
             assert figures["errors"] == 0, run
             assert figures["requests"] > 0, run
             assert figures["p99_us"] >= figures["p50_us"] > 0
+            if raw["machine"]["server_core"] is not None:
+                # The hypervisor's share of the pinned cores (Linux /proc/stat).
+                assert 0 <= figures["steal"] <= 1
     assert set(raw["shutdown"]) >= {"netserve-hub", "stdlib-threading"}
 
 
@@ -92,6 +95,7 @@ def test_ab_compares_two_trees_window_by_window() -> None:
     )
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines[:2]] == ["pair 1", "pair 2"]
+    assert "steal" in lines[0]
     assert lines[2].startswith(f"pingpong c=16, netserve-hub / netserve-hub@{ROOT} over 2 pairs:")
 
 
