@@ -32,6 +32,7 @@ hooks of ``BaseServer.serve_forever``. Attributes read: ``max_workers``,
 
 from __future__ import annotations
 
+import _socket
 import collections
 import selectors
 import socket
@@ -348,6 +349,14 @@ class ThreadPoolMixIn(_MixInBase):
         pool.close(wait=self.block_on_close)
 
 
+# Plain integers, worked out once: socket's flags and kinds are enums, and
+# combining or converting them runs Python code (an enum call, about a
+# microsecond) on every connection.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_STREAM = int(socket.SOCK_STREAM)
+_kind_of = _socket.socket.type.__get__  # socket.type, without the enum
+
+
 def _has_input(sock: socket.socket) -> bool:
     """Whether the peer has already sent something (or closed).
 
@@ -355,7 +364,7 @@ def _has_input(sock: socket.socket) -> bool:
     one peek then saves parking it: two epoll_ctl calls and a loop pass.
     """
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return False
     except OSError:
@@ -364,7 +373,7 @@ def _has_input(sock: socket.socket) -> bool:
 
 
 def _is_stream(request: Any) -> bool:
-    return isinstance(request, socket.socket) and request.type == socket.SOCK_STREAM
+    return isinstance(request, socket.socket) and _kind_of(request) == _STREAM
 
 
 class ThreadPoolTCPServer(ThreadPoolMixIn, TCPServer):
