@@ -64,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("rounds must be at least 1, the window positive, the warm-up not negative")
     scenario = scenarios[args.scenario]
     plan = run.Plan(
-        [args.a, args.b], [scenario], args.rounds, args.warmup, args.window, False, False, False
+        rows=[args.a, args.b],
+        scenarios=[scenario],
+        rounds=args.rounds,
+        warmup_s=args.warmup,
+        window_s=args.window,
+        idle=False,
+        udp=False,
+        shutdown=False,
     )
     tools = run.build_tools()
     run.raise_fd_limit()

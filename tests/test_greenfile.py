@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 import netserve
 from tests.conftest import Serving, connect, recv_all
 
-Probe = Callable[[Any, socket.socket], list[Any]]
+Probe = Callable[[socket.socket], list[Any]]
 
 
 def on_the_hub(data: bytes, probe: Probe, pieces: list[int] | None = None) -> list[Any]:
-    """``probe(reader, sock)`` in a hub handler whose client sends ``data`` and
+    """``probe(sock)`` in a hub handler whose client sends ``data`` and
     then shuts down its side: in ``pieces`` (split at those offsets) while the
     handler reads, or, without pieces, all of it before the handler starts."""
     outcome: list[Any] = []
@@ -36,7 +36,7 @@ def on_the_hub(data: bytes, probe: Probe, pieces: list[int] | None = None) -> li
                 # Blocks the hub, which serves only this connection: its reads
                 # then see the whole stream in the receive queue.
                 assert sent.wait(10)
-            outcome.extend(probe(None, self.request))
+            outcome.extend(probe(self.request))
             while self.request.recv(4096):  # until the client has sent everything
                 pass
 
@@ -54,12 +54,12 @@ def on_the_hub(data: bytes, probe: Probe, pieces: list[int] | None = None) -> li
 
 
 def in_the_stdlib(data: bytes, probe: Probe) -> list[Any]:
-    """``probe(reader, sock)`` over a socket pair, ``data`` sent beforehand."""
+    """``probe(sock)`` over a socket pair, ``data`` sent beforehand."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(data)
         theirs.shutdown(socket.SHUT_WR)
-        return probe(None, ours)
+        return probe(ours)
 
 
 def outcome_of(call: Callable[[], Any]) -> Any:
@@ -163,7 +163,7 @@ def test_reads_return_what_the_stream_holds(
 ) -> None:
     stream = b"".join(chunks)
 
-    def probe(_: Any, sock: socket.socket) -> list[Any]:
+    def probe(sock: socket.socket) -> list[Any]:
         with sock.makefile("rb", buffering) as reader:
             return run_operations(reader, operations)
 
@@ -172,7 +172,7 @@ def test_reads_return_what_the_stream_holds(
 
 
 def test_a_hub_handlers_rfile_is_a_green_reader() -> None:
-    def probe(_: Any, sock: socket.socket) -> list[Any]:
+    def probe(sock: socket.socket) -> list[Any]:
         with sock.makefile("rb") as reader:
             return [type(reader).__name__, isinstance(reader, io.BufferedIOBase)]
 
@@ -182,7 +182,7 @@ def test_a_hub_handlers_rfile_is_a_green_reader() -> None:
 # -- the file around the reads --------------------------------------------------------
 
 
-def probe_the_file(_: Any, sock: socket.socket) -> list[Any]:
+def probe_the_file(sock: socket.socket) -> list[Any]:
     reader = sock.makefile("rb")
     seen = [
         reader.readable(),
@@ -220,7 +220,7 @@ def probe_the_file(_: Any, sock: socket.socket) -> list[Any]:
     return seen
 
 
-def probe_a_closed_raw(_: Any, sock: socket.socket) -> list[Any]:
+def probe_a_closed_raw(sock: socket.socket) -> list[Any]:
     # Closing the raw file leaves what is buffered readable (as BufferedReader does).
     reader = sock.makefile("rb")
     first = reader.readline()
@@ -236,7 +236,7 @@ def probe_a_closed_raw(_: Any, sock: socket.socket) -> list[Any]:
     ]
 
 
-def probe_detach(_: Any, sock: socket.socket) -> list[Any]:
+def probe_detach(sock: socket.socket) -> list[Any]:
     reader = sock.makefile("rb")
     line = reader.readline()
     raw = reader.detach()
@@ -259,7 +259,7 @@ def test_the_file_behaves_as_the_stdlibs() -> None:
         assert on_the_hub(data, probe) == expected, probe.__name__
 
 
-def probe_timeouts(_: Any, sock: socket.socket) -> list[Any]:
+def probe_timeouts(sock: socket.socket) -> list[Any]:
     reader = sock.makefile("rb")
     seen = [reader.readline()]
     sock.settimeout(0.01)
@@ -270,7 +270,7 @@ def probe_timeouts(_: Any, sock: socket.socket) -> list[Any]:
     return seen
 
 
-def probe_non_blocking(_: Any, sock: socket.socket) -> list[Any]:
+def probe_non_blocking(sock: socket.socket) -> list[Any]:
     reader = sock.makefile("rb")
     seen = [reader.readline()]
     sock.setblocking(False)
@@ -285,14 +285,14 @@ def without_end_of_stream(data: bytes, probe: Probe) -> tuple[list[Any], list[An
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(data)
-        expected = probe(None, ours)
+        expected = probe(ours)
 
     outcome: list[Any] = []
     done = threading.Event()
 
     class Handler(netserve.BaseRequestHandler):
         def handle(self) -> None:
-            outcome.extend(probe(None, self.request))
+            outcome.extend(probe(self.request))
             done.set()
 
     with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:

@@ -226,7 +226,8 @@ class GreenSocket(socket.socket):
             self._wait(False, deadline)
             return
         # No timeout, the common case: switch to the hub directly. The hub
-        # switches back (with None) on the next read edge.
+        # switches back (with None) on the next read edge. (GreenReader._receive
+        # repeats these lines inline, on rfile's path: change both together.)
         self._reader = getcurrent()
         try:
             outcome = self._hub.greenlet.switch()  # type: ignore[union-attr]
