@@ -278,24 +278,12 @@ class Hub:
             worker.gr_context = None
             worker.switch(fn, first, second)
         else:
-            greenlet.greenlet(self._work, self.greenlet).switch(fn, first, second)
-
-    def _work(self, fn: Callable[[Any, Any], None], first: Any, second: Any) -> None:
-        spares = self._spares
-        current = greenlet.getcurrent()
-        hub_greenlet = current.parent
-        while True:
-            fn(first, second)
-            del first, second  # nothing of the last task stays alive while spare
-            if len(spares) >= self.max_spares or self._closing:
-                return
-            spares.append(current)
-            fn, first, second = hub_greenlet.switch()
+            greenlet.greenlet(_work, self.greenlet).switch(self, fn, first, second)
 
     def _end_spares(self) -> None:
         spares = self._spares
         while spares:
-            # GreenletExit at the switch() in _work: the greenlet ends.
+            # GreenletExit at the switch() in _work(): the greenlet ends.
             spares.pop().throw()
 
     # -- scheduling on the hub's thread ------------------------------------------------
@@ -448,3 +436,23 @@ class Hub:
         else:
             self.call_later(seconds, current.switch, None)
         self.greenlet.switch()
+
+
+def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> None:
+    """A handler greenlet's whole life: tasks from spawn(), spare in between.
+
+    A function, not a method of the hub: greenlet calls a bound method through
+    one more C frame (144 bytes), and a greenlet's C stack is copied out and
+    back at each of its switches (measured with ``greenlet._stack_saved``: 2024
+    bytes a waiting handler before, 1880 after).
+    """
+    spares = hub._spares
+    current = greenlet.getcurrent()
+    hub_greenlet = current.parent
+    while True:
+        fn(first, second)
+        del first, second  # nothing of the last task stays alive while spare
+        if len(spares) >= hub.max_spares or hub._closing:
+            return
+        spares.append(current)
+        fn, first, second = hub_greenlet.switch()
