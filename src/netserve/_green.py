@@ -45,14 +45,13 @@ try:
         GreenSocketIO,
         closed_while_waiting,
     )
-    from netserve._hub import SOCKET_EVENTS, Hub, current_hub
+    from netserve._hub import Hub, current_hub
 except ImportError as exc:  # the [green] extra is not installed
     if exc.name != "greenlet":
         raise
     greenlet = getcurrent = None
     Hub = current_hub = None  # type: ignore[assignment, misc]
     GreenReader = GreenSendallWriter = GreenSocketIO = closed_while_waiting = None  # type: ignore[assignment, misc]
-    SOCKET_EVENTS = 0
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -147,9 +146,7 @@ class GreenSocket(socket.socket):
         self._readable = True
         self._hangup = False
         self._stream = kind == socket.SOCK_STREAM
-        # Registered with the hub's epoll once, for good (rule 2 of _hub).
-        hub._epoll.register(fileno, SOCKET_EVENTS)  # type: ignore[union-attr]
-        hub.sockets[fileno] = self
+        hub.register(fileno, self)
 
     # -- timeouts, as the caller sees them ---------------------------------------------
 

@@ -288,6 +288,12 @@ class Hub:
 
     # -- scheduling on the hub's thread ------------------------------------------------
 
+    def register(self, fd: int, sock: HubSocket) -> None:
+        """Watch ``sock`` from now on: registered with epoll once, for good (rule 2)."""
+        assert self._epoll is not None
+        self._epoll.register(fd, SOCKET_EVENTS)
+        self.sockets[fd] = sock
+
     def forget(self, fd: int, sock: HubSocket) -> None:
         # No EPOLL_CTL_DEL: closing the descriptor removes it from the epoll set,
         # and the system call would be one more per connection.
