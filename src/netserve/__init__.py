@@ -3,11 +3,13 @@
 ``import netserve as socketserver`` runs existing socketserver code unchanged.
 """
 
+import logging as _logging
 import os as _os
 import socket as _socket
 
 from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
 from netserve._compat import install_as_socketserver, restore_socketserver
+from netserve._connections import ServerStatistics
 from netserve._errors import AddressError, MissingExtraError, NetserveError, NetserveWarning
 from netserve._green import (
     GreenMixIn,
@@ -27,6 +29,11 @@ from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._threading import ThreadingMixIn
 
 __version__ = "0.1.0"
+
+# netserve logs through "netserve.<part>"; without this, Python's last-resort
+# handler would print its warnings on a drop-in user's stderr, which the stdlib
+# module never wrote to. Applications opt in by configuring logging.
+_logging.getLogger("netserve").addHandler(_logging.NullHandler())
 
 __all__ = [
     # The stdlib's names, always present.
@@ -70,6 +77,7 @@ __all__ += [
     "GreenUDPServer",
     "green_sleep",
     "PoolStatistics",
+    "ServerStatistics",
     "ThreadPoolMixIn",
     "ThreadPoolTCPServer",
     "ThreadPoolUDPServer",

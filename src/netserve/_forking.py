@@ -5,20 +5,20 @@ Hooks overridden: ``process_request`` (forks), ``service_actions`` and
 Attributes read: ``max_children``, ``block_on_close``; ``active_children`` holds
 the pids of the children this server started.
 
-A server reaps only its own children, pid by pid: ``waitpid(-1)`` would steal the
-exit status of processes other code started (house style; the stdlib test starts
-such a process and checks its status). To wait for *any* of our children when
-``max_children`` is reached, we watch their pidfds (Linux 5.3+); elsewhere we
-wait for one of them.
+A server reaps only its own children, pid by pid (``_children``). A child runs
+the one request runner and exits with status 0 when the handler returned; the
+parent counts the request when it reaps the child (``statistics()``). Closed
+with ``block_on_close = False``, the server leaves a background reaper that
+reaps the children still running as they exit.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from netserve._children import Children
 from netserve._servers import BaseServer
 
 __all__ = ["ForkingMixIn"]
@@ -40,18 +40,35 @@ class ForkingMixIn(_MixInBase):
     # server_close() waits for every child to exit.
     block_on_close: bool = True
 
+    def _netserve_children(self) -> Children:
+        # Created on first use, around the stdlib's ``active_children`` set.
+        children: Children | None = vars(self).get("_netserve_children_now")
+        if children is None:
+            if self.active_children is None:
+                self.active_children = set()
+            children = self._netserve_children_now = Children(
+                self.active_children, self._netserve_child_exited
+            )
+        return children
+
+    def _netserve_child_exited(self, pid: int, exitcode: int) -> None:
+        self._netserve_table.finish(error=exitcode != 0)
+
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap finished children; first wait while ``max_children`` are running.
 
         With ``blocking``, wait for every child to exit.
         """
-        children = self.active_children
-        if not children:
+        if not self.active_children:
             return
+        children = self._netserve_children()
         while len(children) >= self.max_children:
-            _wait_for_one_of(children)
-            _reap(children, blocking=False)
-        _reap(children, blocking=blocking)
+            children.wait_for_one()
+            children.reap()
+        if blocking:
+            children.reap_all()
+        else:
+            children.reap()
 
     def handle_timeout(self) -> None:
         """Reap finished children."""
@@ -66,12 +83,11 @@ class ForkingMixIn(_MixInBase):
         # Reaping here too makes max_children a bound for handle_request() loops,
         # which never call service_actions().
         self.collect_children()
+        children = self._netserve_children()
         pid = os.fork()
         if pid == 0:
             self._serve_in_child(request, client_address)
-        if self.active_children is None:
-            self.active_children = set()
-        self.active_children.add(pid)
+        children.add(pid)
         # The child has its own copy of the connection.
         self.close_request(request)
 
@@ -81,13 +97,8 @@ class ForkingMixIn(_MixInBase):
         # when the handler returned normally.
         status = 1
         try:
-            try:
-                self.finish_request(request, client_address)
+            if self._netserve_run_request(request, client_address):
                 status = 0
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
         finally:
             # os._exit skips the flush that a normal exit would do.
             for stream in (sys.stdout, sys.stderr):
@@ -98,43 +109,12 @@ class ForkingMixIn(_MixInBase):
             os._exit(status)
 
     def server_close(self) -> None:
-        """Close the server, then reap children (waiting if ``block_on_close``)."""
+        """Close the server, then reap children (waiting if ``block_on_close``).
+
+        Without ``block_on_close``, the children still running are reaped in the
+        background as they exit.
+        """
         super().server_close()
         self.collect_children(blocking=self.block_on_close)
-
-
-def _reap(children: set[int], *, blocking: bool) -> None:
-    flags = 0 if blocking else os.WNOHANG
-    for pid in list(children):
-        try:
-            done, _ = os.waitpid(pid, flags)
-        except ChildProcessError:
-            done = pid  # already reaped by someone else: it is gone either way
-        if done:
-            children.discard(pid)
-
-
-def _wait_for_one_of(children: set[int]) -> None:
-    """Block until at least one of ``children`` has exited (it is reaped later)."""
-    pidfds: list[int] = []
-    try:
-        for pid in children:
-            try:
-                pidfds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                return  # already gone: the caller's reap pass will see it
-        poller = select.poll()
-        for fd in pidfds:
-            poller.register(fd, select.POLLIN)
-        poller.poll()
-    except (AttributeError, OSError):
-        # No pidfds here (not Linux, or an old kernel): wait for one child.
-        pid = min(children)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        children.discard(pid)
-    finally:
-        for fd in pidfds:
-            os.close(fd)
+        if not self.block_on_close and self.active_children:
+            self._netserve_children().reap_in_background()

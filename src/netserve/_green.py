@@ -17,6 +17,7 @@ Hooks overridden: ``serve_forever`` (accepting happens on the hub's thread),
 ``process_request``, ``server_close``. Attributes read:
 ``park_until_readable``, ``park_timeout``, ``daemon_threads`` (the hub
 thread's), ``block_on_close``, ``accept_batch``, ``spare_greenlets``.
+Accepting runs the one accept routine (``_accept``) on the hub's thread.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ import io
 import os
 import select
 import socket
-import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from netserve._errors import MissingExtraError
 from netserve._handlers import _SendallWriter
+from netserve._log import get_logger
 from netserve._loop import drain
-from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._servers import TCPServer, UDPServer
 
 try:
     import greenlet
@@ -71,6 +73,8 @@ __all__ = [
     "GreenUDPServer",
     "green_sleep",
 ]
+
+log = get_logger("hub")
 
 # Passed to a waiting greenlet whose socket was closed under it.
 _CLOSED = object()
@@ -452,6 +456,7 @@ class GreenMixIn(_MixInBase):
         self._green_dgram: GreenSocket | None = None
         self._green_saved_timeout: float | None = None
         self._green_listener_fd = -1
+        self._green_resume: Timer | None = None
         self._green_park_timeouts = 0
         super().__init__(*args, **kwargs)
 
@@ -464,81 +469,80 @@ class GreenMixIn(_MixInBase):
         ``poll_interval`` seconds, and leaves at once when ``shutdown()`` is called.
         """
         stop = self._netserve_stop
+        # Every descriptor this loop needs is taken before the hub accepts
+        # anything (the wake-up pair here, the hub's own when its thread
+        # starts, the acceptor's reserve): taken after, a full descriptor table
+        # could fail the loop once clients hold them (issue 10). poll() needs none.
         waker = stop.enter_loop()
         hub = self._green_hub
         try:
+            wait = select.poll()
+            wait.register(waker.fileno(), select.POLLIN)
+            timeout_ms = None if poll_interval is None else int(poll_interval * 1000)
             hub.run_sync(self._green_start_accepting)
             try:
-                with select.epoll() as wait:
-                    wait.register(waker.fileno(), select.EPOLLIN)
-                    while not stop.requested():
-                        wait.poll(-1 if poll_interval is None else poll_interval)
-                        if stop.requested():
-                            break
-                        drain(waker)
-                        self.service_actions()
+                while not stop.requested():
+                    wait.poll(timeout_ms)
+                    if stop.requested():
+                        break
+                    drain(waker)
+                    self.service_actions()
             finally:
                 hub.run_sync(self._green_stop_accepting)
         finally:
             stop.leave_loop(waker)
 
+    def _netserve_serving_here(self) -> bool:
+        # A handler's shutdown() must not wait: the loop needs this thread to stop.
+        return self._green_hub.on_hub_thread()
+
     def _green_start_accepting(self) -> None:
         hub = self._green_hub
+        acceptor = self._netserve_acceptor()
+        acceptor.open()
         self._green_saved_timeout = self.socket.gettimeout()
         self.socket.setblocking(False)
         # Remembered: if server_close() runs while serving, fileno() is -1 by
         # the time the loop stops, and the hub must still forget this one.
         self._green_listener_fd = self.socket.fileno()
-        fast = self.socket_type == socket.SOCK_STREAM and all(
-            getattr(getattr(self, name), "__func__", None) is default
-            for name, default in _DEFAULT_ACCEPT_HOOKS
-        )
-        accept = self._green_accept_streams if fast else self._green_accept
-        hub.watch(self._green_listener_fd, accept)
         hub.hold()
+        self._green_watch_listener(None)
+
+    def _green_watch_listener(self, _: object) -> None:
+        self._green_resume = None
+        hub = self._green_hub
+        hub.watch(self._green_listener_fd, self._green_accept)
+        self._netserve_watching = True
 
     def _green_stop_accepting(self) -> None:
         hub = self._green_hub
         hub.release()
-        still_open = self.socket.fileno() >= 0
-        # A closed descriptor has already left the epoll set with its close.
-        hub.unwatch(self._green_listener_fd, registered=still_open)
-        if still_open:
+        if self._green_resume is not None:
+            self._green_resume.cancel()
+            self._green_resume = None
+        if self._netserve_watching:
+            self._netserve_watching = False
+            # A closed descriptor has already left the epoll set with its close.
+            hub.unwatch(self._green_listener_fd, registered=self.socket.fileno() >= 0)
+        if self.socket.fileno() >= 0:
             self.socket.settimeout(self._green_saved_timeout)
+        self._netserve_acceptor().close()
 
     def _green_accept(self) -> None:
-        # Drain the backlog in batches (the listener is non-blocking while
+        # The one accept routine, in batches (the listener is non-blocking while
         # serving; an empty backlog ends the batch).
-        for _ in range(self.accept_batch):
-            if not self._handle_request_noblock():
-                break
+        pause = self._netserve_acceptor().accept(self._netserve_batch())
+        if pause is not None and self._netserve_watching:
+            # The accept routine asks for a back-off: stop watching the listener
+            # (it stays readable, and a level-triggered watch would spin).
+            self._netserve_watching = False
+            hub = self._green_hub
+            hub.unwatch(self._green_listener_fd)
+            self._green_resume = hub.call_later(pause, self._green_watch_listener, None)
 
-    def _green_accept_streams(self) -> None:
-        """_green_accept for a stream server whose accepting hooks are netserve's own.
-
-        What ``_handle_request_noblock()`` would do through ``get_request()``,
-        ``verify_request()`` (always True), ``process_request()`` and
-        ``_green_start()``, without their six Python calls per connection; a
-        server that overrides any of them goes through them instead.
-        """
-        accept = self.socket._accept  # type: ignore[attr-defined]
-        hub = self._green_hub
-        park = self.park_until_readable
-        for _ in range(self.accept_batch):
-            try:
-                sock, client_address = self._green_adopt(*accept())
-            except OSError:
-                return  # an empty backlog, or a client that left (as in get_request)
-            hub.active += 1
-            try:
-                if park:
-                    _Starter(self, sock, client_address)
-                else:
-                    hub.spawn(self._green_run, sock, client_address)
-            except Exception:
-                hub.active -= 1
-                self.handle_error(sock, client_address)
-                self.shutdown_request(sock)
+    def _netserve_batch(self) -> int:
+        # Datagrams too: on the hub the socket is non-blocking while serving.
+        return max(1, self.accept_batch)
 
     def _green_adopt(self, fd: int, client_address: Any) -> tuple[GreenSocket, Any]:
         """A freshly accepted descriptor, straight into a GreenSocket."""
@@ -600,10 +604,11 @@ class GreenMixIn(_MixInBase):
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
             self._green_park_timeouts += 1
+            self._netserve_table.time_out()
             self._green_unpark(starter.sock)
 
     def _green_unpark(self, sock: GreenSocket) -> None:
-        """Close a parked connection that never got a handler."""
+        """Close a parked connection that never got a handler (the caller counts it)."""
         self._green_parked.discard(sock)
         sock._reader = None
         self._green_hub.active -= 1
@@ -626,21 +631,24 @@ class GreenMixIn(_MixInBase):
         except greenlet.GreenletExit:
             pass  # ended by server_close(); the request is shut down
         except BaseException as exc:
-            # As for a request thread: report it and carry on serving.
-            threading.excepthook(
-                threading.ExceptHookArgs(
-                    (type(exc), exc, exc.__traceback__, threading.current_thread())
-                )
-            )
+            # As for a request thread, but the hub carries on serving.
+            self._netserve_escaped(exc, log)
         finally:
             self._green_greenlets.discard(current)
             self._green_hub.active -= 1
 
+    def _netserve_parked_count(self) -> int:
+        return len(self._green_parked)
+
     def green_statistics(self) -> dict[str, int]:
-        """Counts for monitoring: handlers running, connections parked, timeouts."""
+        """Deprecated: use ``statistics()``, a ``ServerStatistics`` snapshot."""
+        warnings.warn(
+            "green_statistics() is deprecated; use statistics()", DeprecationWarning, stacklevel=2
+        )
+        stats = self.statistics()
         return {
-            "handlers": len(self._green_greenlets),
-            "parked": len(self._green_parked),
+            "handlers": stats.active - stats.parked,
+            "parked": stats.parked,
             "park_timeouts": self._green_park_timeouts,
         }
 
@@ -659,21 +667,11 @@ class GreenMixIn(_MixInBase):
 
     def _green_close_on_hub(self) -> None:
         for sock in list(self._green_parked):
+            self._netserve_table.drop()
             self._green_unpark(sock)
         if not self.block_on_close:
             for child in list(self._green_greenlets):
                 child.throw()  # GreenletExit: finally blocks run, requests close
-
-
-# The hooks that _green_accept_streams() stands in for, with the functions
-# that must still be the server's for it to do so.
-_DEFAULT_ACCEPT_HOOKS = (
-    ("_handle_request_noblock", BaseServer._handle_request_noblock),
-    ("get_request", GreenMixIn.get_request),
-    ("verify_request", BaseServer.verify_request),
-    ("process_request", GreenMixIn.process_request),
-    ("_green_start", GreenMixIn._green_start),
-)
 
 
 class GreenTCPServer(GreenMixIn, TCPServer):

@@ -131,6 +131,7 @@ class Hub:
         self._lock = threading.Lock()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._ended_thread: threading.Thread | None = None
         self._ident: int | None = None  # the thread's, while it runs the loop
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -151,16 +152,19 @@ class Hub:
         return self._ident == threading.get_ident()
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the hub's thread, starting the thread if needed."""
+        """Run ``fn`` on the hub's thread, starting the thread if needed.
+
+        Raises ``OSError`` (a full descriptor table, say) if the thread has to
+        start and cannot; ``fn`` is then not queued.
+        """
         with self._lock:
             if self._closing:
                 raise RuntimeError("the hub is closed")
-            self._calls.append(fn)
             if self._thread is None:
                 self._start_locked()
-            else:
-                assert self._wake_w is not None
-                poke(self._wake_w)
+            self._calls.append(fn)
+            assert self._wake_w is not None
+            poke(self._wake_w)
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the hub's thread and wait for its result."""
@@ -195,26 +199,41 @@ class Hub:
         """Refuse new work and wait for the thread to end (on its own, once idle)."""
         with self._lock:
             self._closing = True
-            thread = self._thread
-            if thread is not None and self._wake_w is not None:
+            threads = [t for t in (self._thread, self._ended_thread) if t is not None]
+            if self._thread is not None and self._wake_w is not None:
                 poke(self._wake_w)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _start_locked(self) -> None:
-        self._epoll = select.epoll()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._special[self._wake_r.fileno()] = self._run_calls
-        # Sockets that outlived an earlier thread (a server's datagram socket).
-        for fd in self.sockets:
-            self._epoll.register(fd, SOCKET_EVENTS)
-        # The thread starts because calls are waiting: have it look at once.
-        poke(self._wake_w)
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
-        self._thread.start()
+        # Everything the thread needs, or nothing: a failure leaves no descriptor.
+        epoll = select.epoll()
+        try:
+            wake_r, wake_w = socket.socketpair()
+        except BaseException:
+            epoll.close()
+            raise
+        try:
+            wake_r.setblocking(False)
+            wake_w.setblocking(False)
+            epoll.register(wake_r.fileno(), select.EPOLLIN)
+            # Sockets that outlived an earlier thread (a server's datagram socket).
+            for fd in self.sockets:
+                epoll.register(fd, SOCKET_EVENTS)
+            thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
+            self._epoll, self._wake_r, self._wake_w = epoll, wake_r, wake_w
+            self._special[wake_r.fileno()] = self._run_calls
+            self._thread = thread
+            thread.start()
+        except BaseException:
+            self._special.pop(wake_r.fileno(), None)
+            self._epoll = self._wake_r = self._wake_w = None
+            self._thread = None
+            epoll.close()
+            wake_r.close()
+            wake_w.close()
+            raise
 
     def _main(self) -> None:
         self._ident = threading.get_ident()
@@ -226,11 +245,9 @@ class Hub:
             self._end_spares()
             _local.hub = None
             with self._lock:
-                # Calls that raced with the end are run by a fresh thread.
-                restart = bool(self._calls) and not self._closing
-                self._teardown_locked()
-                if restart:
-                    self._start_locked()
+                # After an error in the loop itself; a normal end tore down already.
+                if self._thread is threading.current_thread():
+                    self._teardown_locked()
 
     def _teardown_locked(self) -> None:
         assert self._epoll is not None
@@ -241,6 +258,8 @@ class Hub:
         self._wake_r.close()
         self._wake_w.close()
         self._epoll = self._wake_r = self._wake_w = None
+        # close() still joins it: it may run a few more lines after this.
+        self._ended_thread = self._thread
         self._thread = None
         self._ident = None
         self.greenlet = None
@@ -364,8 +383,14 @@ class Hub:
                     scheduled, value = ready.popleft()
                     scheduled.switch(value)
             if self._idle() or (self._closing and self.active == 0):
+                # Spare greenlets belong to this thread: end them before a call
+                # can start another thread that would find them (rule 4).
+                self._end_spares()
                 with self._lock:
                     if not self._calls:
+                        # Torn down under the lock, so that a call from now on
+                        # starts a fresh thread instead of queueing to this one.
+                        self._teardown_locked()
                         return
             for fd, events in poll(self._next_timeout()):
                 sock = sockets.get(fd)

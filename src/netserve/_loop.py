@@ -18,7 +18,8 @@ Rules:
    stdlib. The loop clears the request when it leaves.
 3. ``shutdown()`` waits for the loop to stop only when there is a loop to wait
    for and it is running on another thread. Called on the serving thread (from a
-   handler) or with no loop running it asks and returns: it never deadlocks.
+   handler), on a thread the loop itself waits for (the hub's), or with no loop
+   running, it asks and returns: it never deadlocks.
 """
 
 from __future__ import annotations
@@ -100,13 +101,17 @@ class StopControl:
             if self._waker is not None:
                 poke(self._waker)
 
-    def request_stop(self) -> None:
-        """Ask the loop to stop; wait for it when that cannot deadlock."""
+    def request_stop(self, *, wait: bool = True) -> None:
+        """Ask the loop to stop; wait for it when that cannot deadlock.
+
+        ``wait=False`` from a thread whose waiting would deadlock although it
+        is not the loop's own (the hub's thread, which the loop needs to stop).
+        """
         with self._changed:
             self._requested = True
             if self._waker is not None:
                 poke(self._waker)
-            if self._loop_thread is None or self._loop_thread == threading.get_ident():
+            if not wait or self._loop_thread is None or self._loop_thread == threading.get_ident():
                 return
             seen = self._generation
             while self._generation == seen:

@@ -15,11 +15,14 @@ Three places a request can be, and each is bounded:
    ``max_workers`` threads take requests and run the usual
    ``finish_request``/``handle_error``/``shutdown_request`` chain.
 
-A connection that became readable while the queue was full is held in a short
-"ready" list; the listener stays out of the selector until that list has moved
-into the queue, so the list can only be as long as the number of connections
-parked when the queue filled. Workers wake the loop when they free a slot it is
-waiting for.
+Parked connections sit in an epoll set of their own, nested in the loop's
+selector. While the queue has room the loop watches that set, and takes from
+it at most as many ready connections as there are free slots
+(``epoll.poll(0, maxevents=room)``); while it has none, the loop watches
+neither the set nor the listener, so a connection that spoke while every slot
+was taken stays parked, its bytes in the kernel, rather than waiting in a list
+of ours (issue 10: 1,000 such connections once queued 1,276 requests behind a
+queue of 8). Workers wake the loop when they free a slot it is waiting for.
 
 Parking assumes the client speaks first. For protocols where the server speaks
 first (SMTP, FTP banners), set ``park_until_readable = False``.
@@ -34,13 +37,15 @@ from __future__ import annotations
 
 import _socket
 import collections
+import select
 import selectors
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from netserve._connections import ServerStatistics
+from netserve._log import get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
 
 __all__ = [
@@ -55,36 +60,39 @@ if TYPE_CHECKING:
 else:
     _MixInBase = object
 
-# Marks a parked connection's selector key.
+log = get_logger("pool")
+
+# Marks the parked connections' epoll set among the selector's keys.
 _PARKED = "netserve-parked"
 
 
 @dataclass(frozen=True)
-class PoolStatistics:
-    """A snapshot of a thread pool's state, from ``statistics()``."""
+class PoolStatistics(ServerStatistics):
+    """A snapshot of a thread pool's state, from ``statistics()``.
 
-    max_workers: int
+    The counters every server has (``ServerStatistics``), and the pool's own.
+    """
+
+    max_workers: int = 0
     #: Worker threads alive now (started on demand, up to max_workers).
-    workers: int
+    workers: int = 0
     #: Workers running a request.
-    busy_workers: int
-    #: Requests waiting in the hand-off queue (and ready ones waiting for it).
-    queued: int
-    #: Stream connections waiting for their first byte.
-    parked: int
-    #: Requests finished, with or without an error.
-    handled: int
-    #: Requests whose handler raised (each went to handle_error()).
-    errors: int
+    busy_workers: int = 0
+    #: Requests waiting in the hand-off queue (at most queue_size).
+    queued: int = 0
     #: Parked connections closed because they stayed silent past park_timeout.
-    park_timeouts: int
-    #: Whether the serving loop is accepting (False: the queue is full, or no
-    #: loop is running).
-    accepting: bool
+    park_timeouts: int = 0
 
 
 class _Pool:
-    """Worker threads and the bounded hand-off queue between them and the loop."""
+    """Worker threads and the bounded hand-off queue between them and the loop.
+
+    ``idle`` counts the workers waiting for a job that no one has woken yet:
+    whoever queues a job and wakes a worker takes that worker off the count at
+    once. (Counting it until it ran again let two jobs queued in a row wake the
+    same worker twice and start none, leaving the second job waiting for a
+    worker that a long connection might never free.)
+    """
 
     def __init__(self, server: ThreadPoolMixIn) -> None:
         self.server = server
@@ -98,15 +106,14 @@ class _Pool:
         self.threads: set[threading.Thread] = set()
         self.idle = 0
         self.busy = 0
-        self.handled = 0
-        self.errors = 0
         self.closing = False
         # Set by the loop when it stops accepting for want of room; the worker
         # that makes room then wakes it.
         self.loop_wants_room = False
 
-    def has_room(self) -> bool:
-        return len(self.jobs) < self.queue_size
+    def room(self) -> int:
+        """Free slots in the queue now (a worker may free more at any moment)."""
+        return self.queue_size - len(self.jobs)
 
     def offer(self, job: tuple[Any, Any]) -> bool:
         """Queue a job if there is room; never blocks."""
@@ -128,6 +135,7 @@ class _Pool:
             raise RuntimeError("the server's thread pool is closed")
         self.jobs.append(job)
         if self.idle:
+            self.idle -= 1
             self.work_ready.notify()
         elif len(self.threads) < self.max_workers:
             self._start_worker_locked()
@@ -146,7 +154,6 @@ class _Pool:
                     while not self.jobs and not self.closing:
                         self.idle += 1
                         self.work_ready.wait()
-                        self.idle -= 1
                     if not self.jobs:
                         return  # closing, and nothing is left to do
                     request, client_address = self.jobs.popleft()
@@ -157,29 +164,29 @@ class _Pool:
                 if wake_loop:
                     server._netserve_stop.wake()
                 try:
-                    if not server._netserve_run_request(request, client_address):
-                        with self.lock:
-                            self.errors += 1
+                    server._netserve_run_request(request, client_address)
+                except BaseException as exc:
+                    # SystemExit (or another BaseException) from a handler: as a
+                    # request thread would, but the worker carries on.
+                    server._netserve_escaped(exc, log)
                 finally:
                     with self.lock:
                         self.busy -= 1
-                        self.handled += 1
         finally:
-            # Also when a handler's SystemExit ends this thread. A job queued
+            # Only an error in the pool itself ends a worker early. A job queued
             # while this thread still counted as a worker would find no one to
             # take it: start the replacement now.
             with self.lock:
                 self.threads.discard(threading.current_thread())
-                if self.jobs and not self.idle:
+                if self.jobs and not self.idle and not self.closing:
                     self._start_worker_locked()
 
     def close(self, *, wait: bool) -> None:
         """Let the workers finish what is queued, then end; join them if ``wait``."""
         with self.lock:
             self.closing = True
+            self.idle = 0
             self.work_ready.notify_all()
-        # Join until none is left: a worker ended by SystemExit may have started
-        # a replacement meanwhile.
         while wait:
             with self.lock:
                 threads = list(self.threads)
@@ -215,117 +222,148 @@ class ThreadPoolMixIn(_MixInBase):
     request_queue_size: int = socket.SOMAXCONN
     # server_close() waits for the workers to finish what was handed to them.
     block_on_close: bool = True
+    accept_batch: int = 16
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Before the server's own __init__: a failed bind calls server_close().
         self._netserve_pool_state = _Pool(self)
         self._netserve_parked: dict[int, _Parked] = {}
         self._netserve_park_order: collections.deque[_Parked] = collections.deque()
-        self._netserve_ready_list: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._netserve_park_set: select.epoll | None = None
+        # Requests that found the queue full after all (another thread queued
+        # through handle_request() in between): at most one poll's worth.
+        self._netserve_overflow: collections.deque[tuple[Any, Any]] = collections.deque()
         self._netserve_park_timeouts = 0
         self._netserve_selector_now: selectors.BaseSelector | None = None
-        self._netserve_listening = True
+        self._netserve_park_watched = False
         super().__init__(*args, **kwargs)
 
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's state."""
         pool = self._netserve_pool_state
+        counters = self._netserve_table.counters()
         with pool.lock:
             return PoolStatistics(
+                **counters,
+                parked=len(self._netserve_parked),
+                accepting=self._netserve_watching,
                 max_workers=pool.max_workers,
                 workers=len(pool.threads),
                 busy_workers=pool.busy,
-                queued=len(pool.jobs) + len(self._netserve_ready_list),
-                parked=len(self._netserve_parked),
-                handled=pool.handled,
-                errors=pool.errors,
+                queued=len(pool.jobs) + len(self._netserve_overflow),
                 park_timeouts=self._netserve_park_timeouts,
-                accepting=self._netserve_listening and self._netserve_selector_now is not None,
             )
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Park a silent stream connection, or hand the request to a worker."""
+        """Park a stream connection until it speaks, or hand the request to a worker."""
         pool = self._netserve_pool_state
-        selector = self._netserve_selector_now
-        if selector is None:
+        if self._netserve_selector_now is None:
             # Not inside serve_forever() (handle_request()): nobody would watch a
             # parked connection, so hand it over, waiting for room.
             pool.put((request, client_address))
         elif self.park_until_readable and _is_stream(request) and not _has_input(request):
-            deadline = (
-                time.monotonic() + self.park_timeout if self.park_timeout is not None else 0.0
-            )
-            parked = _Parked(request, client_address, deadline)
-            self._netserve_parked[request.fileno()] = parked
-            if self.park_timeout is not None:
-                self._netserve_park_order.append(parked)
-            selector.register(request, selectors.EVENT_READ, _PARKED)
+            self._netserve_park(request, client_address)
         elif not pool.offer((request, client_address)):
-            # The loop only accepts while there is room, so this is a race with
-            # another producer; keep the request rather than drop it.
-            self._netserve_ready_list.append((request, client_address))
+            # The queue filled during this batch of accepts: the connection has
+            # spoken, so the parked set hands it over as soon as there is room.
+            self._netserve_park(request, client_address)
+
+    def _netserve_park(self, request: socket.socket, client_address: Any) -> None:
+        park_set = self._netserve_park_set
+        if park_set is None:
+            park_set = self._netserve_park_set = select.epoll()
+        deadline = 0.0
+        if self.park_timeout is not None:
+            deadline = self._netserve_table.clock() + self.park_timeout
+        parked = _Parked(request, client_address, deadline)
+        fd = request.fileno()
+        park_set.register(fd, select.EPOLLIN)
+        self._netserve_parked[fd] = parked
+        if self.park_timeout is not None:
+            self._netserve_park_order.append(parked)
+
+    def _netserve_unpark(self, fd: int) -> _Parked:
+        assert self._netserve_park_set is not None
+        self._netserve_park_set.unregister(fd)
+        return self._netserve_parked.pop(fd)
+
+    def _netserve_parked_count(self) -> int:
+        return len(self._netserve_parked)
 
     # -- the serving loop's hooks ------------------------------------------------------
 
     def _netserve_selector(self) -> selectors.BaseSelector:
-        # Many parked connections: epoll costs nothing per idle descriptor.
+        # The loop watches few descriptors, but epoll nests the parked set.
         return selectors.DefaultSelector()
 
     def _netserve_loop_started(self, selector: selectors.BaseSelector) -> None:
         self._netserve_selector_now = selector
-        self._netserve_listening = True
-        for parked in self._netserve_parked.values():
-            selector.register(parked.request, selectors.EVENT_READ, _PARKED)
+        self._netserve_park_watched = False
 
     def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
         # Parked connections stay parked; the next loop watches them again.
+        if self._netserve_park_watched:
+            assert self._netserve_park_set is not None
+            selector.unregister(self._netserve_park_set)
+            self._netserve_park_watched = False
         self._netserve_selector_now = None
 
     def _netserve_ready(self, key: selectors.SelectorKey) -> None:
-        # A parked connection spoke (or closed): it is ready for a worker.
-        selector = self._netserve_selector_now
-        assert selector is not None
-        selector.unregister(key.fileobj)
-        parked = self._netserve_parked.pop(key.fd)
-        job = (parked.request, parked.client_address)
-        if self._netserve_ready_list or not self._netserve_pool_state.offer(job):
-            self._netserve_ready_list.append(job)
+        # Parked connections spoke (or closed): as many as there is room for
+        # go to the workers; the others stay ready in the parked set.
+        park_set = self._netserve_park_set
+        assert park_set is not None
+        pool = self._netserve_pool_state
+        room = pool.room()
+        if room <= 0:
+            return
+        for fd, _ in park_set.poll(0, room):
+            parked = self._netserve_unpark(fd)
+            job = (parked.request, parked.client_address)
+            if not pool.offer(job):
+                self._netserve_overflow.append(job)
+
+    def _netserve_accept_allowed(self) -> bool:
+        # Called by the loop before each wait, after _netserve_before_wait().
+        return not self._netserve_overflow and self._netserve_pool_state.room() > 0
 
     def _netserve_before_wait(
         self, selector: selectors.BaseSelector, poll_interval: float | None
     ) -> float | None:
         pool = self._netserve_pool_state
-        ready = self._netserve_ready_list
-        while ready and pool.offer(ready[0]):
-            ready.popleft()
-        room = not ready and pool.has_room()
+        overflow = self._netserve_overflow
+        while overflow and pool.offer(overflow[0]):
+            overflow.popleft()
+        room = not overflow and pool.room() > 0
         if not room:
             with pool.lock:
                 pool.loop_wants_room = True
             # Look again now that the flag is set: a worker may have made room in
             # between, and it would not have woken us.
-            room = not ready and pool.has_room()
-        if room != self._netserve_listening:
-            if room:
-                selector.register(self, selectors.EVENT_READ)
+            room = not overflow and pool.room() > 0
+        watch_parked = room and bool(self._netserve_parked)
+        if watch_parked != self._netserve_park_watched:
+            assert self._netserve_park_set is not None
+            if watch_parked:
+                selector.register(self._netserve_park_set, selectors.EVENT_READ, _PARKED)
             else:
-                selector.unregister(self)
-            self._netserve_listening = room
-        return self._netserve_expire_parked(selector, poll_interval)
+                selector.unregister(self._netserve_park_set)
+            self._netserve_park_watched = watch_parked
+        return self._netserve_expire_parked(poll_interval)
 
-    def _netserve_expire_parked(
-        self, selector: selectors.BaseSelector, poll_interval: float | None
-    ) -> float | None:
+    def _netserve_expire_parked(self, poll_interval: float | None) -> float | None:
         order = self._netserve_park_order
         if not order:
             return poll_interval
-        now = time.monotonic()
+        table = self._netserve_table
+        now = table.clock()
         while order and order[0].deadline <= now:
             parked = order.popleft()
-            if self._netserve_parked.get(parked.request.fileno()) is parked:
-                del self._netserve_parked[parked.request.fileno()]
-                selector.unregister(parked.request)
+            fd = parked.request.fileno()
+            if self._netserve_parked.get(fd) is parked:
+                self._netserve_unpark(fd)
                 self._netserve_park_timeouts += 1
+                table.time_out()
                 self.shutdown_request(parked.request)
         if not order:
             return poll_interval
@@ -340,12 +378,16 @@ class ThreadPoolMixIn(_MixInBase):
         """
         super().server_close()
         pool = self._netserve_pool_state
-        for parked in self._netserve_parked.values():
-            self.shutdown_request(parked.request)
-        self._netserve_parked.clear()
+        table = self._netserve_table
+        for fd in list(self._netserve_parked):
+            table.drop()
+            self.shutdown_request(self._netserve_unpark(fd).request)
         self._netserve_park_order.clear()
-        while self._netserve_ready_list:
-            pool.put(self._netserve_ready_list.popleft())
+        if self._netserve_park_set is not None:
+            self._netserve_park_set.close()
+            self._netserve_park_set = None
+        while self._netserve_overflow:
+            pool.put(self._netserve_overflow.popleft())
         pool.close(wait=self.block_on_close)
 
 

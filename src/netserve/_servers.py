@@ -24,14 +24,20 @@ Where netserve differs on purpose (each listed in the README):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import selectors
 import socket
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
+from netserve._accept import Acceptor
+from netserve._connections import ConnectionTable, ServerStatistics
+from netserve._log import RateLimitedLog
 from netserve._loop import StopControl, drain
 
 if TYPE_CHECKING:
@@ -58,6 +64,7 @@ _Address = Any
 _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
 _RULE = "-" * 40
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 # Marks the wake-up socket among the selector's keys.
 _WAKER = "netserve-waker"
 
@@ -70,11 +77,16 @@ class BaseServer:
     """
 
     timeout: float | None = None
+    # Connections accepted per readiness of a stream listener (datagram servers
+    # take one). One keeps the stdlib's pace for the one-at-a-time server.
+    accept_batch: int = 1
 
     def __init__(self, server_address: _Address, RequestHandlerClass: _HandlerFactory) -> None:
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         self._netserve_stop = StopControl()
+        self._netserve_table = ConnectionTable()
+        self._netserve_watching = False
 
     # -- hooks a concrete server supplies -------------------------------------------
 
@@ -106,13 +118,15 @@ class BaseServer:
         stop = self._netserve_stop
         waker = stop.enter_loop()
         try:
-            with self._netserve_selector() as selector:
-                selector.register(self, selectors.EVENT_READ)
+            with self._netserve_selector() as selector, self._netserve_accepting() as acceptor:
                 selector.register(waker, selectors.EVENT_READ, _WAKER)
+                batch = self._netserve_batch()
+                clock = self._netserve_table.clock
                 self._netserve_loop_started(selector)
                 try:
                     while not stop.requested():
                         wait = self._netserve_before_wait(selector, poll_interval)
+                        wait = self._netserve_watch_listener(selector, acceptor, clock(), wait)
                         ready = selector.select(wait)
                         # A request that became ready together with the stop is
                         # left in the backlog: the stop was asked for first.
@@ -120,16 +134,88 @@ class BaseServer:
                             break
                         for key, _ in ready:
                             if key.data is None:
-                                self._handle_request_noblock()
+                                acceptor.accept(batch)
                             elif key.data is _WAKER:
                                 drain(waker)
                             else:
                                 self._netserve_ready(key)
                         self.service_actions()
                 finally:
+                    if self._netserve_watching:
+                        selector.unregister(self)
+                        self._netserve_watching = False
                     self._netserve_loop_stopped(selector)
         finally:
             stop.leave_loop(waker)
+
+    def _netserve_watch_listener(
+        self,
+        selector: selectors.BaseSelector,
+        acceptor: Acceptor,
+        now: float,
+        wait: float | None,
+    ) -> float | None:
+        """Watch the listener exactly while accepting is wanted; returns the wait."""
+        paused = acceptor.paused_until > now
+        want = not paused and self._netserve_accept_allowed()
+        if want != self._netserve_watching:
+            if want:
+                selector.register(self, selectors.EVENT_READ)
+            else:
+                selector.unregister(self)
+            self._netserve_watching = want
+        if paused:
+            # Wake when the back-off ends, even with poll_interval None.
+            until = acceptor.paused_until - now
+            return until if wait is None else min(wait, until)
+        return wait
+
+    @contextlib.contextmanager
+    def _netserve_accepting(self) -> Iterator[Acceptor]:
+        """The acceptor, its reserve descriptor held, for as long as a loop serves.
+
+        A stream listener is non-blocking meanwhile: the loop accepts in
+        batches until the backlog is empty, and a connection another process
+        took first (a shared listener) must not block the loop.
+        """
+        acceptor = self._netserve_acceptor()
+        sock: socket.socket | None = getattr(self, "socket", None)
+        stream = sock is not None and sock.type == socket.SOCK_STREAM
+        saved = sock.gettimeout() if stream and sock is not None else None
+        acceptor.open()
+        try:
+            if stream and sock is not None:
+                sock.setblocking(False)
+            yield acceptor
+        finally:
+            acceptor.close()
+            if stream and sock is not None and sock.fileno() >= 0:
+                sock.settimeout(saved)
+
+    def _netserve_acceptor(self) -> Acceptor:
+        acceptor: Acceptor | None = vars(self).get("_netserve_acceptor_now")
+        if acceptor is None:
+            acceptor = self._netserve_acceptor_now = Acceptor(self)
+        return acceptor
+
+    def _netserve_batch(self) -> int:
+        """Requests taken per readiness of the listener: one for a datagram server,
+        whose ``get_request()`` may block (the stdlib's does)."""
+        sock: socket.socket | None = getattr(self, "socket", None)
+        if sock is None or sock.type != socket.SOCK_STREAM:
+            return 1
+        return max(1, self.accept_batch)
+
+    def statistics(self) -> ServerStatistics:
+        """An immutable snapshot of the server's counters (``ServerStatistics``)."""
+        return ServerStatistics(
+            **self._netserve_table.counters(),
+            parked=self._netserve_parked_count(),
+            accepting=self._netserve_watching,
+        )
+
+    def _netserve_parked_count(self) -> int:
+        return 0
 
     # -- netserve's private extension points for its own mix-ins --------------------
     # The listener is registered with data None; a mix-in registers its own file
@@ -152,6 +238,15 @@ class BaseServer:
     def _netserve_ready(self, key: selectors.SelectorKey) -> None:
         raise AssertionError(f"no handler for readiness of {key.fileobj!r}")
 
+    def _netserve_accept_allowed(self) -> bool:
+        """Whether the loop should accept now (a mix-in says no while it has no room)."""
+        return True
+
+    def _netserve_serving_here(self) -> bool:
+        """Whether this thread runs the server's requests in a way that a waiting
+        ``shutdown()`` would deadlock (the hub's thread, say)."""
+        return False
+
     def shutdown(self) -> None:
         """Stop ``serve_forever()``.
 
@@ -160,7 +255,7 @@ class BaseServer:
         running loop leaves after the current request, and a loop started later
         returns at once.
         """
-        self._netserve_stop.request_stop()
+        self._netserve_stop.request_stop(wait=not self._netserve_serving_here())
 
     def handle_request(self) -> None:
         """Wait for and handle one request, honouring ``timeout``.
@@ -187,30 +282,9 @@ class BaseServer:
         limits = [t for t in (socket_limit, self.timeout) if t is not None]
         return min(limits) if limits else None
 
-    def _handle_request_noblock(self) -> bool:
-        """Handle one request whose socket is known to be ready.
-
-        Returns False when there was none to take (netserve's loops use this to
-        accept in batches; the stdlib returns nothing).
-        """
-        try:
-            request, client_address = self.get_request()
-        except OSError:
-            # The client may have gone between readiness and accept(); the stdlib
-            # skips the request silently, and so do we.
-            return False
-        try:
-            if self.verify_request(request, client_address):
-                self.process_request(request, client_address)
-            else:
-                self.shutdown_request(request)
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
-        except BaseException:
-            self.shutdown_request(request)
-            raise
-        return True
+    def _handle_request_noblock(self) -> None:
+        """Handle one request whose socket is known to be ready (see ``_accept``)."""
+        self._netserve_acceptor().accept(1)
 
     def handle_timeout(self) -> None:
         """Called when ``handle_request()`` times out; does nothing here."""
@@ -220,25 +294,55 @@ class BaseServer:
         return True
 
     def process_request(self, request: _Request, client_address: _Address) -> None:
-        """Run the handler for one request, then shut the request down."""
+        """Run the handler for one request, then shut the request down.
+
+        Errors are the caller's to handle (the accept routine reports them), as
+        in the stdlib.
+        """
         self.finish_request(request, client_address)
+        self._netserve_table.finish(error=False)
         self.shutdown_request(request)
 
     def _netserve_run_request(self, request: _Request, client_address: _Address) -> bool:
-        """Handle a request away from the serving loop (thread, worker, greenlet).
+        """Handle a request away from the serving loop (thread, child, worker, greenlet).
 
         The chain every concurrent model runs: the handler, ``handle_error()`` for
         an ``Exception``, and ``shutdown_request()`` whatever happens. Returns False
-        when the handler raised; any other BaseException propagates.
+        when the handler raised; any other BaseException propagates (the model
+        decides what it means, and counts it with ``table.error()`` if it reports it).
         """
+        error = False
         try:
             self.finish_request(request, client_address)
         except Exception:
+            error = True
             self.handle_error(request, client_address)
-            return False
         finally:
+            # Counted before the peer can see the close: whoever it tells then
+            # finds the request counted.
+            self._netserve_table.finish(error=error)
             self.shutdown_request(request)
-        return True
+        return not error
+
+    def _netserve_escaped(self, exc: BaseException, logger: logging.Logger) -> None:
+        """A ``SystemExit`` (or another BaseException) that a handler let out, in a
+        model whose thread carries on (pool, hub): reported as a request thread
+        reports it, through ``threading.excepthook``, counted, and logged."""
+        self._netserve_table.error()
+        escaped: RateLimitedLog | None = vars(self).get("_netserve_escaped_log")
+        if escaped is None:
+            escaped = self._netserve_escaped_log = RateLimitedLog(
+                logger, logging.WARNING, clock=self._netserve_table.clock
+            )
+        escaped.event(
+            "a handler raised %s; reported through threading.excepthook, serving goes on",
+            type(exc).__name__,
+        )
+        threading.excepthook(
+            threading.ExceptHookArgs(
+                (type(exc), exc, exc.__traceback__, threading.current_thread())
+            )
+        )
 
     def finish_request(self, request: _Request, client_address: _Address) -> None:
         """Instantiate ``RequestHandlerClass``, which handles the request."""
@@ -371,7 +475,10 @@ class UDPServer(TCPServer):
 
     def get_request(self) -> tuple[tuple[bytes, socket.socket], _Address]:
         """Receive one datagram: ((data, server socket), client_address)."""
-        data, client_address = self.socket.recvfrom(self.max_packet_size)
+        # Only called once the socket is readable; MSG_DONTWAIT still keeps the
+        # loop from blocking when another process sharing the socket took the
+        # datagram first (EAGAIN is "nothing to take" to the accept routine).
+        data, client_address = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
         return (data, self.socket), client_address
 
     def shutdown_request(self, request: _Request) -> None:

@@ -1,0 +1,111 @@
+"""Child processes a server started: reaped pid by pid, never ``waitpid(-1)``.
+
+Shared by the forking model and, later, the prefork supervisor. ``waitpid(-1)``
+would steal the exit status of processes other code started (house style; the
+stdlib's own test starts such a process and checks its status), so every wait
+names a pid. Waiting for *any* of our children uses their pidfds (Linux 5.3+);
+elsewhere it waits for one of them.
+
+Theory of operation
+-------------------
+The pids live in a set the owner passes in (the forking server's
+``active_children``, which the stdlib documents). Reaping takes ``_lock``, so
+the serving loop and the background reaper never reap the same pid twice and
+never lose an exit status: the one that reaps a pid reports it through
+``on_exit(pid, exitcode)``.
+
+``reap_in_background()`` is for a server closed without waiting
+(``block_on_close = False``): a daemon thread waits on the pidfds of the
+children still running and reaps each as it exits, then ends. Without it those
+children would stay zombies for the life of the process (issue 10).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable
+
+__all__ = ["Children"]
+
+
+class Children:
+    """The pids one owner started, and the means to reap them."""
+
+    def __init__(self, pids: set[int], on_exit: Callable[[int, int], None]) -> None:
+        self.pids = pids
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            self.pids.add(pid)
+
+    def reap(self) -> None:
+        """Reap every child that has exited, without waiting."""
+        with self._lock:
+            for pid in list(self.pids):
+                self._reap_locked(pid, os.WNOHANG)
+
+    def reap_all(self) -> None:
+        """Wait for every child to exit, reaping each."""
+        while self.pids:
+            self.wait_for_one()
+            self.reap()
+
+    def _reap_locked(self, pid: int, flags: int) -> None:
+        try:
+            done, status = os.waitpid(pid, flags)
+        except ChildProcessError:
+            # Reaped by someone else (a SIGCHLD handler set to SIG_IGN, say): it
+            # is gone, and its status with it.
+            done, status = pid, 0
+        if done:
+            self.pids.discard(pid)
+            self._on_exit(pid, os.waitstatus_to_exitcode(status))
+
+    def wait_for_one(self, timeout: float | None = None) -> None:
+        """Block until at least one child has exited (or ``timeout`` passed)."""
+        with self._lock:
+            pids = list(self.pids)
+        if not pids:
+            return
+        pidfds: list[int] = []
+        try:
+            for pid in pids:
+                try:
+                    pidfds.append(os.pidfd_open(pid))
+                except ProcessLookupError:
+                    return  # already gone: the caller's reap sees it
+            poller = select.poll()
+            for fd in pidfds:
+                poller.register(fd, select.POLLIN)
+            poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        except (AttributeError, OSError):
+            # No pidfds here (not Linux, or an old kernel): wait for one child.
+            with self._lock:
+                if pids[0] in self.pids:
+                    self._reap_locked(pids[0], 0)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+    def reap_in_background(self) -> None:
+        """Reap the children still running as they exit, on a daemon thread."""
+        with self._lock:
+            if not self.pids or (self._reaper is not None and self._reaper.is_alive()):
+                return
+            self._reaper = threading.Thread(
+                target=self._reap_until_none_left, name="netserve-reaper", daemon=True
+            )
+            self._reaper.start()
+
+    def _reap_until_none_left(self) -> None:
+        while self.pids:
+            self.wait_for_one()
+            self.reap()

@@ -1,0 +1,71 @@
+"""Logging for netserve's own events: one logger per part, and rate limiting.
+
+Every part logs through ``logging.getLogger("netserve.<part>")``. The package
+logger carries a ``NullHandler`` (set in ``__init__``), so a drop-in user's
+stderr does not change unless they configure logging (issue 10, design 7).
+Exceptions raised by handlers still go to ``handle_error()``, as in the stdlib.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+__all__ = ["RateLimitedLog", "get_logger"]
+
+
+def get_logger(part: str) -> logging.Logger:
+    """The logger of one part of netserve: ``netserve.<part>``."""
+    return logging.getLogger(f"netserve.{part}")
+
+
+class RateLimitedLog:
+    """A condition that may repeat thousands of times a second, logged sparingly.
+
+    The first occurrence is logged at once; while the condition persists, one
+    line every ``interval`` seconds says how many more there were. ``clear()``
+    ends the episode, so the next occurrence is logged at once again.
+    """
+
+    __slots__ = ("_clock", "_interval", "_last", "_level", "_logger", "_since_last")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int,
+        *,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._level = level
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._since_last = 0
+
+    def event(self, message: str, *args: object) -> None:
+        """Record one occurrence; log it if it starts an episode or a report is due."""
+        now = self._clock()
+        if self._last is None:
+            self._last = now
+            self._since_last = 0
+            self._logger.log(self._level, message, *args)
+            return
+        self._since_last += 1
+        if now - self._last >= self._interval:
+            self._logger.log(
+                self._level,
+                message + " (%d more in the last %.0f s)",
+                *args,
+                self._since_last,
+                now - self._last,
+            )
+            self._last = now
+            self._since_last = 0
+
+    def clear(self) -> None:
+        """The condition has ended."""
+        self._last = None
+        self._since_last = 0
