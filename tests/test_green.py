@@ -482,3 +482,57 @@ def test_wfile_writes_everything_it_is_given() -> None:
             client.sendall(b"go\n")
             assert recv_all(client) == big + b"array;view;"
     assert outcome == {"counts": [len(big), 6, 5], "closed": "write to closed file"}
+
+
+def _release_a_deadlocked_shutdown(server: Any) -> None:
+    """Cleanup for a failed run only: end a shutdown() stuck on the hub's thread.
+
+    shutdown() from a handler waits for the loop to leave, and the loop waits
+    for the hub's thread, which is the handler's own. Moving the loop's
+    generation on lets that shutdown() return, so the handler, then the loop,
+    can finish and the test fails instead of leaving both threads stuck. Does
+    nothing where the loop's internals are not the ones this knows.
+    """
+    stop = getattr(server, "_netserve_stop", None)
+    changed = getattr(stop, "_changed", None)
+    if changed is None or not hasattr(stop, "_generation"):
+        return
+    with changed:
+        stop._generation += 1  # type: ignore[union-attr]
+        changed.notify_all()
+
+
+def test_a_handler_may_call_shutdown() -> None:
+    class Stopping(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline()
+            self.server.shutdown()
+            self.wfile.write(line.upper())
+
+    class Server(netserve.GreenTCPServer):
+        # A deadlocked hub must not keep the test process from exiting.
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Stopping)
+    loop = threading.Thread(target=server.serve_forever, daemon=True)
+    loop.start()
+    closer = threading.Thread(target=server.server_close, daemon=True)
+    try:
+        with connect(server.server_address) as client:
+            try:
+                client.sendall(b"stop\n")
+                loop.join(10)
+                assert not loop.is_alive(), "serve_forever() did not return: shutdown() deadlocked"
+                assert recv_all(client) == b"STOP\n"  # the handler carried on after shutdown()
+            finally:
+                if loop.is_alive():
+                    _release_a_deadlocked_shutdown(server)
+                    loop.join(10)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "server_close() did not return"
+    finally:
+        # After a failure above: close here, unless the loop could not be freed
+        # (closing would then wait on the stuck hub too).
+        if closer.ident is None and not loop.is_alive():
+            server.server_close()
