@@ -175,32 +175,50 @@ def test_green_socket_behaves_like_a_socket() -> None:
     assert seen["timeout_error"]
 
 
-def test_closing_a_socket_wakes_its_waiter() -> None:
+@pytest.mark.parametrize("timeout", [None, 60.0])
+def test_closing_a_socket_wakes_its_waiter(timeout: float | None) -> None:
+    # A handler waits in recv() on its socket; another handler on the same hub
+    # closes that socket. The waiter must wake with EBADF: the closed descriptor
+    # has left epoll, so no event will ever wake it otherwise. (With a timeout
+    # the wait goes through the hub's timed wait, without one it switches to
+    # the hub directly: both must be woken.)
     outcome: list[Any] = []
     waiting = threading.Event()
+    woken = threading.Event()
 
     class Handler(netserve.BaseRequestHandler):
         def handle(self) -> None:
-            if self.client_address[1] == self.server.first_port:  # type: ignore[attr-defined]
-                self.server.first = self.request  # type: ignore[attr-defined]
+            server: Any = self.server
+            if self.request.recv(100) == b"wait":
+                self.request.settimeout(timeout)
+                server.waiter = self.request
                 waiting.set()
                 try:
-                    self.request.recv(10)
+                    # Its client sends nothing more: only the close can end this.
+                    outcome.append(self.request.recv(100))
                 except OSError as exc:
                     outcome.append(exc.errno)
+                woken.set()
             else:
-                self.server.first.close()  # type: ignore[attr-defined]
+                server.waiter.close()
+                self.request.sendall(b"closed")
 
-    server = netserve.GreenTCPServer(("127.0.0.1", 0), Handler)
-    with Serving(server) as serving, connect(serving.address) as first:
-        server.first_port = first.getsockname()[1]  # type: ignore[attr-defined]
-        first.sendall(b"!")  # wakes the parked connection: its handler starts
-        # The first recv takes "!"; send nothing more, so the second recv waits.
-        with connect(serving.address) as second:
+    class Server(netserve.GreenTCPServer):
+        # If the waiter is never woken, server_close() ends it rather than
+        # waiting for it forever.
+        block_on_close = False
+
+    with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
+        with connect(serving.address) as first:
+            first.sendall(b"wait")
             assert waiting.wait(10)
-            second.sendall(b"close it")
-            assert recv_all(second) == b""
-    assert outcome in ([errno.EBADF], [])  # woken with EBADF, or it read "!"
+            # The hub runs one greenlet at a time: the next handler runs only
+            # once the first is suspended in its recv().
+            with connect(serving.address) as second:
+                second.sendall(b"close it")
+                assert recv_all(second) == b"closed"
+            assert woken.wait(5), "the handler waiting on the closed socket was not woken"
+    assert outcome == [errno.EBADF]
 
 
 def test_datagrams_under_the_hub(unix_path: str) -> None:
