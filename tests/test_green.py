@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import logging
 import os
 import socket
 import subprocess
@@ -284,7 +285,7 @@ def test_park_timeout_closes_silent_connections() -> None:
 
 
 def test_handler_system_exit_is_reported_and_the_hub_carries_on(
-    excepthook_calls: list[type[BaseException]],
+    excepthook_calls: list[type[BaseException]], caplog: pytest.LogCaptureFixture
 ) -> None:
     class Handler(netserve.StreamRequestHandler):
         def handle(self) -> None:
@@ -292,7 +293,8 @@ def test_handler_system_exit_is_reported_and_the_hub_carries_on(
                 raise SystemExit
             self.wfile.write(b"alive\n")
 
-    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
+    server = netserve.GreenTCPServer(("127.0.0.1", 0), Handler)
+    with caplog.at_level(logging.WARNING, logger="netserve"), Serving(server) as serving:
         with connect(serving.address) as client:
             client.sendall(b"exit\n")
             assert recv_all(client) == b""
@@ -300,6 +302,9 @@ def test_handler_system_exit_is_reported_and_the_hub_carries_on(
             client.sendall(b"again\n")
             assert client.recv(100) == b"alive\n"
     assert excepthook_calls == [SystemExit]
+    assert server.statistics().errors == 1
+    warnings = [r for r in caplog.records if r.name == "netserve.hub"]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
 
 
 def test_new_models_have_a_production_backlog() -> None:
