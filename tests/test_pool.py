@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import threading
 from typing import Any
@@ -174,26 +175,40 @@ def test_errors_are_counted_and_reported() -> None:
     assert server.statistics().errors == 3
 
 
-def test_a_worker_ended_by_system_exit_is_replaced(
-    excepthook_calls: list[type[BaseException]],
+def test_a_worker_survives_system_exit(
+    excepthook_calls: list[type[BaseException]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Thread objects, not idents: a new thread may reuse an ended one's ident.
+    workers: list[threading.Thread] = []
+
     class Handler(netserve.StreamRequestHandler):
         def handle(self) -> None:
+            workers.append(threading.current_thread())
             if self.rfile.readline() == b"exit\n":
                 raise SystemExit
             self.wfile.write(b"alive\n")
 
     class Server(netserve.ThreadPoolTCPServer):
+        # One worker: the request after the SystemExit can only go to the
+        # same thread if that thread was kept.
         max_workers = 1
 
-    with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
-        with connect(serving.address) as client:
-            client.sendall(b"exit\n")
-            assert recv_all(client) == b""  # still shut down properly
-        with connect(serving.address) as client:
-            client.sendall(b"again\n")
-            assert client.recv(100) == b"alive\n"
+    server = Server(("127.0.0.1", 0), Handler)
+    with caplog.at_level(logging.WARNING, logger="netserve"), Serving(server) as serving:
+        for line in (b"before\n", b"exit\n", b"after\n"):
+            with connect(serving.address) as client:
+                client.sendall(line)
+                expected = b"" if line == b"exit\n" else b"alive\n"
+                assert recv_all(client) == expected  # still shut down properly
+        stats = server.statistics()
+        assert stats.workers == 1
+    assert len(workers) == 3
+    assert workers == [workers[0]] * 3, "the worker ended by SystemExit was replaced"
     assert excepthook_calls == [SystemExit]
+    stats = server.statistics()
+    assert (stats.handled, stats.errors) == (3, 1)
+    warnings = [r for r in caplog.records if r.name == "netserve.pool"]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
 
 
 def test_handle_request_hands_over_without_parking() -> None:
