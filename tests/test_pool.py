@@ -241,3 +241,75 @@ def test_pool_datagrams_under_backpressure() -> None:
             # Datagrams wait in the kernel's buffer while the pool is full; 50
             # short ones fit, so none is lost.
             assert sorted(client.recv(100) for _ in words) == sorted(w.upper() for w in words)
+
+
+def test_readable_parked_connections_wait_in_the_kernel_when_the_queue_is_full() -> None:
+    count = 64  # parked connections; all but workers + queue_size must stay parked
+
+    class OneByte(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            data = self.request.recv(1)
+            self.server.entered.release()  # type: ignore[attr-defined]
+            assert self.server.gate.wait(10)  # type: ignore[attr-defined]
+            self.request.sendall(data.upper())
+
+    class Server(netserve.ThreadPoolTCPServer):
+        max_workers = 2
+        queue_size = 4
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.gate = threading.Event()
+            self.entered = threading.Semaphore(0)
+            self.last: netserve.PoolStatistics | None = None
+            self.most_queued = 0
+            self.passes = 0
+            self.changed = threading.Condition()
+            super().__init__(*args, **kwargs)
+
+        def service_actions(self) -> None:
+            # Every pass of the loop: a sample of where connections wait, and
+            # a count the test waits on.
+            stats = self.statistics()
+            with self.changed:
+                self.last = stats
+                self.most_queued = max(self.most_queued, stats.queued)
+                self.passes += 1
+                self.changed.notify_all()
+
+        def wait_for(self, predicate: Any) -> bool:
+            with self.changed:
+                return self.changed.wait_for(lambda: predicate(self), timeout=10)
+
+    server = Server(("127.0.0.1", 0), OneByte)
+    # A short poll interval: the loop passes the test waits for come even when
+    # nothing else happens.
+    with Serving(server, poll_interval=0.01) as serving:
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                clients.append(connect(serving.address))
+            assert server.wait_for(lambda s: s.last and s.last.parked == count)
+            busy, queued, rest = clients[:2], clients[2:6], clients[6:]
+            for client in busy:
+                client.sendall(b"x")
+            for _ in busy:
+                assert server.entered.acquire(timeout=10)  # both workers held
+            for client in queued:
+                client.sendall(b"x")
+            assert server.wait_for(lambda s: s.last and s.last.queued == 4)
+            for client in rest:
+                client.sendall(b"x")
+            # Two full passes later the loop has seen every one of them readable.
+            seen = server.passes + 2
+            assert server.wait_for(lambda s: s.passes >= seen)
+            stats = server.statistics()
+            assert (stats.busy_workers, stats.queued, stats.parked) == (2, 4, count - 6), stats
+            server.gate.set()
+            for client in clients:
+                assert client.recv(10) == b"X"
+        finally:
+            server.gate.set()
+            for client in clients:
+                client.close()
+    assert server.statistics().handled == count
+    assert server.most_queued <= server.queue_size
