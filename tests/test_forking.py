@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -152,3 +156,77 @@ def test_forking_unix_stream_server(unix_path: str) -> None:
             client.sendall(b"unix\n")
             server.handle_request()
             assert recv_all(client).endswith(b"unix\n")
+
+
+def _unreaped(pids: list[int]) -> dict[int, str]:
+    """The /proc state ("Z": a zombie) of each of this process's children not yet reaped."""
+    states = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # reaped
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        state, ppid = stat.rpartition(b")")[2].split()[:2]
+        if int(ppid) == os.getpid():  # else the pid was reaped and reused
+            states[pid] = state.decode()
+    return states
+
+
+def test_children_are_reaped_after_a_non_blocking_close() -> None:
+    count = 10
+
+    class Held(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"%d\n" % os.getpid())
+            # Until the client says so. (Not until EOF: later children hold
+            # copies of this process's client sockets.)
+            self.request.recv(100)
+
+    class Server(netserve.ForkingTCPServer):
+        block_on_close = False
+
+    server = Server(("127.0.0.1", 0), Held)
+    clients: list[socket.socket] = []
+    pids: list[int] = []
+    closer = threading.Thread(target=server.server_close)
+    passed = False
+    try:
+        for _ in range(count):
+            clients.append(connect(server.server_address))
+            server.handle_request()
+            pids.append(int(clients[-1].recv(100)))
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "server_close() waited for the children"
+        # Every child ends now, after server_close() has returned; nothing
+        # else is called on the server.
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+        try:
+            for client in clients:
+                client.sendall(b"go")
+            for fd in pidfds:
+                assert select.select([fd], [], [], 10)[0], "a child did not exit"
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        # Nothing tells a third party that a process was reaped: look again at
+        # short intervals, for at most 5 s.
+        deadline = time.monotonic() + 5
+        while (left := _unreaped(pids)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not left, f"children not reaped 5 s after they exited: {left}"
+        passed = True
+    finally:
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.sendall(b"go")  # ends any child still held
+            client.close()
+        if not passed:
+            if closer.ident is None:
+                server.server_close()
+            closer.join(10)
+            for pid in pids:  # so that the leak check has nothing to add
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)

@@ -152,6 +152,7 @@ def test_shutdown_and_server_close(model: str) -> None:
 @pytest.mark.parametrize("model_name", CONCURRENT)
 def test_server_close_waits_for_requests_in_flight(model_name: str) -> None:
     server = MODELS[model_name].tcp(("127.0.0.1", 0), LineEcho)
+    entered = threading.Event()
     closed = threading.Event()
     with Serving(server, close=False) as serving:
         client = connect(serving.address)
@@ -162,17 +163,28 @@ def test_server_close_waits_for_requests_in_flight(model_name: str) -> None:
     assert client.recv(100) == b"AFTER SHUTDOWN\n"
 
     def close() -> None:
+        entered.set()
         server.server_close()
         closed.set()
 
     closer = threading.Thread(target=close)
     closer.start()
-    assert not closed.is_set()
-    # The handler ends, so server_close() can return. (Not by closing: a forked
-    # child holds a copy of this process's client socket.)
-    client.sendall(b"bye\n")
-    closer.join()
-    client.close()
+    try:
+        assert entered.wait(10)
+        # The handler ends only on "bye": while it runs, server_close() must
+        # not return. It is alive on both sides of this wait (it answers
+        # below, on the same connection), so a return in between is a failure.
+        assert not closed.wait(0.5), "server_close() returned while a handler was in flight"
+        client.sendall(b"during close\n")
+        assert client.recv(100) == b"DURING CLOSE\n"
+        assert not closed.is_set(), "server_close() returned while a handler was in flight"
+    finally:
+        # The handler ends, so server_close() can return. (Not by closing: a
+        # forked child holds a copy of this process's client socket.)
+        client.sendall(b"bye\n")
+        closer.join(10)
+        client.close()
+    assert not closer.is_alive()
     assert closed.is_set()
 
 

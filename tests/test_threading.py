@@ -51,6 +51,7 @@ def test_daemon_threads(daemon: bool) -> None:
 
 def test_server_close_waits_for_request_threads() -> None:
     gate = Gate()
+    entered = threading.Event()
     closed = threading.Event()
     server = netserve.ThreadingTCPServer(("127.0.0.1", 0), gate.handler())
     with connect(server.server_address) as client:
@@ -58,16 +59,22 @@ def test_server_close_waits_for_request_threads() -> None:
         assert gate.entered.wait(10)
 
         def close() -> None:
+            entered.set()
             server.server_close()
             closed.set()
 
         closer = threading.Thread(target=close)
         closer.start()
-        # server_close() is blocked on the handler; it cannot finish first.
-        assert not closed.is_set()
-        assert gate.threads[0].is_alive()
-        gate.open.set()
-        closer.join()
+        try:
+            assert entered.wait(10)
+            # The handler is held at the gate throughout: server_close() must
+            # still be waiting for its thread.
+            assert not closed.wait(0.5), "server_close() returned before the request thread"
+            assert gate.threads[0].is_alive()
+        finally:
+            gate.open.set()
+            closer.join(10)
+        assert not closer.is_alive()
         assert closed.is_set()
         assert not gate.threads[0].is_alive()  # joined before close returned
         assert recv_all(client) == b"done"
