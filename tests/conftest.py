@@ -6,16 +6,22 @@ import contextlib
 import gc
 import os
 import socket
+import sys
 import tempfile
 import threading
+import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-# How long a thread the test started may take to finish after the test body.
-# It is a join timeout, not a sleep: a finished thread returns at once.
-THREAD_GRACE_S = 10.0
+# tests/test_leak_check.py runs this file's leak check in a pytest of its own.
+pytest_plugins = ["pytester"]
+
+# How long the threads a test started may take, together, to finish after its
+# teardown. It bounds joins, not a sleep: a finished thread returns at once.
+THREAD_GRACE_S = 1.0
 
 
 def _open_fds() -> dict[int, str]:
@@ -47,6 +53,13 @@ def _child_pids() -> set[int]:
     return children
 
 
+def _still_running(thread: threading.Thread) -> str:
+    """The thread's name and where it is now."""
+    frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+    return f"thread {thread.name!r} still running {THREAD_GRACE_S:g} s after teardown, at:\n{stack}"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves threads, file descriptors or child processes behind."""
@@ -55,10 +68,11 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     children_before = _child_pids()
     yield
     problems = []
+    deadline = time.monotonic() + THREAD_GRACE_S
     for thread in set(threading.enumerate()) - threads_before:
-        thread.join(THREAD_GRACE_S)
+        thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
-            problems.append(f"thread {thread.name!r} still running")
+            problems.append(_still_running(thread))
     # A socket nobody closed is found here (and its ResourceWarning is an error).
     gc.collect()
     leaked_fds = {fd: target for fd, target in _open_fds().items() if fd not in fds_before}
@@ -73,7 +87,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if leaked_children:
         problems.append(f"child processes left running or unreaped: {sorted(leaked_children)}")
     if problems:
-        pytest.fail(f"{request.node.nodeid} leaked: " + "; ".join(problems), pytrace=False)
+        pytest.fail(f"{request.node.nodeid} leaked: " + "\n".join(problems), pytrace=False)
 
 
 class Serving:
