@@ -124,8 +124,8 @@ def test_table_counts_from_many_threads_without_losing_any() -> None:
 
     def work() -> None:
         for _ in range(rounds):
-            table.accept()
-            table.finish(error=False)
+            table.accept(None)
+            table.finish(None, error=False)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:

@@ -149,6 +149,8 @@ class Acceptor:
                     continue
                 if code is None or code == errno.EAGAIN or isinstance(exc, BlockingIOError):
                     return None  # nothing left to take (or a timed-out listener)
+                if server._netserve_stop.requested():
+                    return None  # close() closed the listener under this batch
                 return self._failed(exc)
             if self._delay:
                 self._recovered()
@@ -158,19 +160,19 @@ class Acceptor:
     def _take(self, request: Any, client_address: Any) -> None:
         server = self._server
         table = server._netserve_table
-        table.accept()
+        table.accept(request)
         try:
             if server.verify_request(request, client_address):
                 server.process_request(request, client_address)
             else:
-                table.refuse(accepted=True)
+                table.refuse(request)
                 server.shutdown_request(request)
         except Exception:
             server.handle_error(request, client_address)
-            table.finish(error=True)
+            table.finish(request, error=True)
             server.shutdown_request(request)
         except BaseException:
-            table.finish(error=True)
+            table.finish(request, error=True)
             server.shutdown_request(request)
             raise
 
@@ -247,7 +249,7 @@ class Acceptor:
                     "turned away promptly while the table stays full"
                 )
         for _ in range(shed):
-            table.refuse(accepted=False)
+            table.shed()
         if shed:
             self._log_shed.event(
                 "turned away %d waiting connection(s) while the descriptor table was full", shed

@@ -95,6 +95,16 @@ class Children:
             for fd in pidfds:
                 os.close(fd)
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every child not yet reaped (a pid is not reused
+        before it is reaped, so none of these can be another process)."""
+        with self._lock:
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
     def reap_in_background(self) -> None:
         """Reap the children still running as they exit, on a daemon thread."""
         with self._lock:

@@ -19,10 +19,12 @@ that measures time for its policies (back-offs, deadlines) asks this clock.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["ConnectionTable", "ServerStatistics"]
 
@@ -57,10 +59,12 @@ class ServerStatistics:
 
 
 class ConnectionTable:
-    """Counters shared by the accepting and the handling side of one server."""
+    """Counters shared by the accepting and the handling side of one server, and
+    the stream connections it holds open (what ``abort_connections()`` ends)."""
 
     __slots__ = (
-        "_lock",
+        "_changed",
+        "_live",
         "accept_errors",
         "accepted",
         "active",
@@ -72,7 +76,8 @@ class ConnectionTable:
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition(threading.Lock())
+        self._live: set[socket.socket] = set()
         self.clock = clock
         self.accepted = 0
         self.refused = 0
@@ -82,52 +87,80 @@ class ConnectionTable:
         self.accept_errors = 0
         self.active = 0
 
-    def accept(self) -> None:
+    # -- a connection's life: accept, then exactly one way out ---------------------------
+
+    def accept(self, request: Any) -> None:
         """A connection or datagram was taken off the listener."""
-        with self._lock:
+        with self._changed:
             self.accepted += 1
             self.active += 1
+            if isinstance(request, socket.socket):
+                self._live.add(request)
 
-    def refuse(self, *, accepted: bool) -> None:
-        """A connection was closed without a handler; ``accepted`` if counted as such."""
-        with self._lock:
-            self.refused += 1
-            if accepted:
-                self.active -= 1
-            else:
-                self.accepted += 1
-
-    def finish(self, *, error: bool) -> None:
-        """A request's handler is done and its connection shut down."""
-        with self._lock:
+    def finish(self, request: Any, *, error: bool) -> None:
+        """A request's handler is done (its connection is being shut down)."""
+        with self._changed:
             self.handled += 1
-            self.active -= 1
             if error:
                 self.errors += 1
+            self._leave_locked(request)
+
+    def refuse(self, request: Any) -> None:
+        """An accepted connection was closed without a handler."""
+        with self._changed:
+            self.refused += 1
+            self._leave_locked(request)
+
+    def time_out(self, request: Any) -> None:
+        """A connection without a handler was closed by a time-out."""
+        with self._changed:
+            self.timeouts += 1
+            self._leave_locked(request)
+
+    def drop(self, request: Any) -> None:
+        """A connection without a handler was closed as the server closed."""
+        with self._changed:
+            self._leave_locked(request)
+
+    def _leave_locked(self, request: Any) -> None:
+        self.active -= 1
+        self._live.discard(request)
+        if self.active <= 0:
+            self._changed.notify_all()
+
+    # -- forking: the child holds the connection, the parent counts it -----------------
+
+    def detach(self, request: Any) -> None:
+        """The connection is now a child process's; it stays active until reaped."""
+        with self._changed:
+            self._live.discard(request)
+
+    def finish_detached(self, *, error: bool) -> None:
+        """A child process that handled a detached connection was reaped."""
+        self.finish(None, error=error)
+
+    # -- counted apart from a connection -------------------------------------------------
+
+    def shed(self) -> None:
+        """A connection was accepted only to be closed (the descriptor table was full)."""
+        with self._changed:
+            self.accepted += 1
+            self.refused += 1
 
     def error(self) -> None:
-        """A handler's exception was reported after ``finish()`` counted it."""
-        with self._lock:
+        """A handler's exception was reported after ``finish()`` counted the request."""
+        with self._changed:
             self.errors += 1
 
-    def time_out(self) -> None:
-        """A connection without a handler was closed by a time-out."""
-        with self._lock:
-            self.timeouts += 1
-            self.active -= 1
-
-    def drop(self) -> None:
-        """A connection without a handler was closed as the server closed."""
-        with self._lock:
-            self.active -= 1
-
     def accept_failed(self) -> None:
-        with self._lock:
+        with self._changed:
             self.accept_errors += 1
+
+    # -- reading -------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
         """The counters, read together."""
-        with self._lock:
+        with self._changed:
             return {
                 "accepted": self.accepted,
                 "refused": self.refused,
@@ -137,3 +170,13 @@ class ConnectionTable:
                 "accept_errors": self.accept_errors,
                 "active": self.active,
             }
+
+    def live(self) -> list[socket.socket]:
+        """The stream connections this process holds open now."""
+        with self._changed:
+            return list(self._live)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is active; False if ``timeout`` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.active <= 0, timeout)

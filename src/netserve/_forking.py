@@ -15,6 +15,8 @@ reaps the children still running as they exit.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -32,6 +34,8 @@ else:
 class ForkingMixIn(_MixInBase):
     """Handle each request in a new child process."""
 
+    _netserve_handles_inline = False
+
     # handle_request() waits at most this long, so that children are reaped even
     # on a server driven by handle_request() alone.
     timeout: float | None = 300
@@ -39,6 +43,8 @@ class ForkingMixIn(_MixInBase):
     max_children: int = 40
     # server_close() waits for every child to exit.
     block_on_close: bool = True
+    # abort_connections(): how long a child may take to exit after SIGTERM.
+    abort_grace: float = 1.0
 
     def _netserve_children(self) -> Children:
         # Created on first use, around the stdlib's ``active_children`` set.
@@ -52,7 +58,7 @@ class ForkingMixIn(_MixInBase):
         return children
 
     def _netserve_child_exited(self, pid: int, exitcode: int) -> None:
-        self._netserve_table.finish(error=exitcode != 0)
+        self._netserve_table.finish_detached(error=exitcode != 0)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap finished children; first wait while ``max_children`` are running.
@@ -89,7 +95,30 @@ class ForkingMixIn(_MixInBase):
             self._serve_in_child(request, client_address)
         children.add(pid)
         # The child has its own copy of the connection.
+        self._netserve_table.detach(request)
         self.close_request(request)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until every child has exited, reaping each; False on time-out."""
+        if not self.active_children:
+            return True
+        children = self._netserve_children()
+        clock = self._netserve_table.clock
+        deadline = None if timeout is None else clock() + timeout
+        while children.pids:
+            remaining = None if deadline is None else deadline - clock()
+            if remaining is not None and remaining <= 0:
+                return False
+            children.wait_for_one(remaining)
+            children.reap()
+        return True
+
+    def abort_connections(self) -> None:
+        """SIGTERM every child; SIGKILL those still running ``abort_grace`` later."""
+        children = self._netserve_children()
+        children.signal(signal.SIGTERM)
+        if not self.wait_closed(self.abort_grace):
+            children.signal(signal.SIGKILL)
 
     def _serve_in_child(self, request: Any, client_address: Any) -> NoReturn:
         # The child must never return into the parent's loop or run its cleanup
@@ -97,6 +126,11 @@ class ForkingMixIn(_MixInBase):
         # when the handler returned normally.
         status = 1
         try:
+            # The child never accepts: without its copy of the listener, closing
+            # the server closes the port even while children still serve.
+            listener = getattr(self, "socket", None)
+            if listener is not None and listener.type == socket.SOCK_STREAM:
+                listener.close()
             if self._netserve_run_request(request, client_address):
                 status = 0
         finally:

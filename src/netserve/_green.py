@@ -426,6 +426,8 @@ class _Starter:
 class GreenMixIn(_MixInBase):
     """Handle each request in a greenlet on a hub owned by the server."""
 
+    _netserve_handles_inline = False
+
     # A stream connection gets its greenlet (and handler) only once it has sent
     # something: an idle connection costs a socket, not a handler. Set False for
     # protocols where the server speaks first.
@@ -604,7 +606,7 @@ class GreenMixIn(_MixInBase):
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
             self._green_park_timeouts += 1
-            self._netserve_table.time_out()
+            self._netserve_table.time_out(starter.sock)
             self._green_unpark(starter.sock)
 
     def _green_unpark(self, sock: GreenSocket) -> None:
@@ -657,21 +659,34 @@ class GreenMixIn(_MixInBase):
     def server_close(self) -> None:
         """Close the listener; wait for the handlers (``block_on_close``) or end them."""
         super().server_close()
-        hub = self._green_hub
-        if hub.thread is not None:
-            hub.run_sync(self._green_close_on_hub)
-        hub.close()  # returns once the last handler has finished
+        self._netserve_close_parked()
+        if not self.block_on_close:
+            self.abort_connections()
+        self._green_hub.close()  # returns once the last handler has finished
         if self._green_dgram is not None:
             self._green_dgram.close()
             self._green_dgram = None
 
-    def _green_close_on_hub(self) -> None:
+    def _netserve_close_parked(self) -> None:
+        if self._green_hub.thread is not None:
+            self._green_hub.run_sync(self._green_close_parked_on_hub)
+
+    def _green_close_parked_on_hub(self) -> None:
         for sock in list(self._green_parked):
-            self._netserve_table.drop()
+            self._netserve_table.drop(sock)
             self._green_unpark(sock)
-        if not self.block_on_close:
-            for child in list(self._green_greenlets):
-                child.throw()  # GreenletExit: finally blocks run, requests close
+
+    def abort_connections(self) -> None:
+        """End every handler's greenlet with ``GreenletExit`` (their ``finally``
+        blocks and ``finish()`` run; the requests are shut down)."""
+        if self._green_hub.thread is not None:
+            self._green_hub.run_sync(self._green_abort_on_hub)
+
+    def _green_abort_on_hub(self) -> None:
+        current = getcurrent()
+        for child in list(self._green_greenlets):
+            if child is not current:
+                child.throw()
 
 
 class GreenTCPServer(GreenMixIn, TCPServer):

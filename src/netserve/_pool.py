@@ -208,6 +208,8 @@ class _Parked:
 class ThreadPoolMixIn(_MixInBase):
     """Handle requests on a bounded pool of reused worker threads."""
 
+    _netserve_handles_inline = False
+
     # At most this many worker threads, started as requests need them.
     max_workers: int = 32
     # At most this many requests wait for a worker; beyond that the server stops
@@ -363,7 +365,7 @@ class ThreadPoolMixIn(_MixInBase):
             if self._netserve_parked.get(fd) is parked:
                 self._netserve_unpark(fd)
                 self._netserve_park_timeouts += 1
-                table.time_out()
+                table.time_out(parked.request)
                 self.shutdown_request(parked.request)
         if not order:
             return poll_interval
@@ -377,18 +379,36 @@ class ThreadPoolMixIn(_MixInBase):
         this waits for them.
         """
         super().server_close()
+        self._netserve_close_parked()
         pool = self._netserve_pool_state
+        while self._netserve_overflow:
+            pool.put(self._netserve_overflow.popleft())
+        pool.close(wait=self.block_on_close)
+
+    def _netserve_close_parked(self) -> None:
         table = self._netserve_table
         for fd in list(self._netserve_parked):
-            table.drop()
-            self.shutdown_request(self._netserve_unpark(fd).request)
+            request = self._netserve_unpark(fd).request
+            table.drop(request)
+            self.shutdown_request(request)
         self._netserve_park_order.clear()
         if self._netserve_park_set is not None:
             self._netserve_park_set.close()
             self._netserve_park_set = None
-        while self._netserve_overflow:
-            pool.put(self._netserve_overflow.popleft())
-        pool.close(wait=self.block_on_close)
+
+    def abort_connections(self) -> None:
+        """Close the requests still queued, and shut down those in progress."""
+        pool = self._netserve_pool_state
+        with pool.lock:
+            queued = list(pool.jobs)
+            pool.jobs.clear()
+            pool.room_ready.notify_all()
+        queued += self._netserve_overflow
+        self._netserve_overflow.clear()
+        for request, _ in queued:
+            self._netserve_table.drop(request)
+            self.shutdown_request(request)
+        super().abort_connections()
 
 
 # Plain integers, worked out once: socket's flags and kinds are enums, and

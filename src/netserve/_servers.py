@@ -80,6 +80,9 @@ class BaseServer:
     # Connections accepted per readiness of a stream listener (datagram servers
     # take one). One keeps the stdlib's pace for the one-at-a-time server.
     accept_batch: int = 1
+    # Whether the serving loop runs the handlers itself (the one-at-a-time
+    # server); every concurrency mix-in sets it False.
+    _netserve_handles_inline: bool = True
 
     def __init__(self, server_address: _Address, RequestHandlerClass: _HandlerFactory) -> None:
         self.server_address = server_address
@@ -257,6 +260,54 @@ class BaseServer:
         """
         self._netserve_stop.request_stop(wait=not self._netserve_serving_here())
 
+    # -- closing: now, then wait, then force -------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting now: stop the serving loop and close the listener.
+
+        Connections still waiting for their first byte (parked, in the pool and
+        the hub) are closed too. Requests in progress carry on; this never waits
+        for them (``wait_closed()`` does). ``server_close()`` keeps the stdlib's
+        meaning on top: close, then wait if ``block_on_close``.
+        """
+        # The loop owns the listener and the parked connections: let it leave
+        # first. It leaves at once unless it runs a handler itself (the sync
+        # model), which may take any time: that loop is not waited for, and
+        # leaves after the handler.
+        inline = self._netserve_handles_inline
+        self._netserve_stop.request_stop(wait=not inline and not self._netserve_serving_here())
+        self._netserve_close_listener()
+        self._netserve_close_parked()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted connection is gone (``timeout`` seconds at most).
+
+        Returns True when none is left, False when the time ran out first.
+        """
+        return self._netserve_table.wait_idle(timeout)
+
+    def abort_connections(self) -> None:
+        """End the connections still open, the model's way, and return at once.
+
+        Threads, pool workers and the sync model: each connection is shut down
+        for both directions, so that a handler blocked on it returns (a read
+        sees the end of the stream, a write fails). The hub ends its handlers'
+        greenlets with ``GreenletExit``; the forking model signals its children
+        (SIGTERM, then SIGKILL). ``finally`` blocks and ``finish()`` still run.
+        Follow it with ``wait_closed()``.
+        """
+        for sock in self._netserve_table.live():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed, or the peer is gone already
+
+    def _netserve_close_listener(self) -> None:
+        pass
+
+    def _netserve_close_parked(self) -> None:
+        pass
+
     def handle_request(self) -> None:
         """Wait for and handle one request, honouring ``timeout``.
 
@@ -300,7 +351,7 @@ class BaseServer:
         in the stdlib.
         """
         self.finish_request(request, client_address)
-        self._netserve_table.finish(error=False)
+        self._netserve_table.finish(request, error=False)
         self.shutdown_request(request)
 
     def _netserve_run_request(self, request: _Request, client_address: _Address) -> bool:
@@ -320,7 +371,7 @@ class BaseServer:
         finally:
             # Counted before the peer can see the close: whoever it tells then
             # finds the request counted.
-            self._netserve_table.finish(error=error)
+            self._netserve_table.finish(request, error=error)
             self.shutdown_request(request)
         return not error
 
@@ -438,6 +489,9 @@ class TCPServer(BaseServer):
 
     def server_close(self) -> None:
         """Close the listening socket."""
+        self.socket.close()
+
+    def _netserve_close_listener(self) -> None:
         self.socket.close()
 
     def fileno(self) -> int:

@@ -53,6 +53,8 @@ class _JoinableThreads:
 class ThreadingMixIn(_MixInBase):
     """Handle each request in a new thread."""
 
+    _netserve_handles_inline = False
+
     # Request threads are daemons: the interpreter exits without waiting for them.
     daemon_threads: bool = False
     # server_close() waits for the non-daemon request threads.
