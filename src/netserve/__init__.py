@@ -10,7 +10,14 @@ import socket as _socket
 from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
 from netserve._compat import install_as_socketserver, restore_socketserver
 from netserve._connections import ServerStatistics
-from netserve._errors import AddressError, MissingExtraError, NetserveError, NetserveWarning
+from netserve._errors import (
+    AddressError,
+    ConnectionTimeout,
+    MissingExtraError,
+    NetserveError,
+    NetserveWarning,
+    StageError,
+)
 from netserve._green import (
     GreenMixIn,
     GreenSocket,
@@ -99,7 +106,9 @@ __all__ += [
     "restore_socketserver",
     # netserve's own: errors and warnings.
     "AddressError",
+    "ConnectionTimeout",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
+    "StageError",
 ]

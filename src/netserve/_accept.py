@@ -101,6 +101,7 @@ class Acceptor:
         "_log_shed",
         "_reserve",
         "_server",
+        "_serving",
         "paused_until",
     )
 
@@ -114,6 +115,8 @@ class Acceptor:
         self._delay = 0.0
         self._full_since: float | None = None
         self._reserve: int | None = None
+        # The reserve is held only while a loop serves (open() to close()).
+        self._serving = False
         #: While the clock is below this, the loop does not watch the listener.
         self.paused_until = 0.0
 
@@ -121,6 +124,7 @@ class Acceptor:
 
     def open(self) -> None:
         """Take the reserve descriptor (a loop starts serving)."""
+        self._serving = True
         if self._reserve is None:
             self._reserve = _open_reserve()
             if self._reserve is None:
@@ -128,6 +132,7 @@ class Acceptor:
 
     def close(self) -> None:
         """Give the reserve back (the loop stops); the back-off starts afresh."""
+        self._serving = False
         reserve, self._reserve = self._reserve, None
         if reserve is not None:
             os.close(reserve)
@@ -169,11 +174,12 @@ class Acceptor:
                 server.shutdown_request(request)
         except Exception:
             server.handle_error(request, client_address)
-            table.finish(request, error=True)
+            table.finish_if_held(request, error=True)
             server.shutdown_request(request)
         except BaseException:
-            table.finish(request, error=True)
-            server.shutdown_request(request)
+            # The request runner (sync) has counted and shut it down already.
+            if table.finish_if_held(request, error=True):
+                server.shutdown_request(request)
             raise
 
     # -- failures ----------------------------------------------------------------------
@@ -204,7 +210,7 @@ class Acceptor:
             )
         else:
             self._log_other.event("accept() failed unexpectedly: %r; backing off", exc)
-        if self._reserve is None:
+        if self._reserve is None and self._serving:
             self._reserve = _open_reserve()
         self._delay = min(BACKOFF_MAX, self._delay * 2) if self._delay else BACKOFF_FIRST
         self.paused_until = now + self._delay
@@ -218,7 +224,7 @@ class Acceptor:
         self._log_memory.clear()
         self._log_other.clear()
         self._log_shed.clear()
-        if self._reserve is None:
+        if self._reserve is None and self._serving:
             self._reserve = _open_reserve()
 
     def _shed(self) -> None:
@@ -242,8 +248,8 @@ class Acceptor:
                 conn.close()
                 shed += 1
         finally:
-            self._reserve = _open_reserve()
-            if self._reserve is None:
+            self._reserve = _open_reserve() if self._serving else None
+            if self._reserve is None and self._serving:
                 log.warning(
                     "the reserve descriptor was lost to another use: clients cannot be "
                     "turned away promptly while the table stays full"

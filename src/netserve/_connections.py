@@ -26,7 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ConnectionTable", "ServerStatistics"]
+__all__ = ["FAILED", "HANDLED", "STAGE_FAILED", "TIMED_OUT", "ConnectionTable", "ServerStatistics"]
+
+# How a request ended, as the request runner reports it (and a forking child's
+# exit status carries it to the parent: 0 and 1 are the stdlib's).
+HANDLED, FAILED, STAGE_FAILED, TIMED_OUT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class ServerStatistics:
     errors: int = 0
     #: Connections closed by one of netserve's own time-outs.
     timeouts: int = 0
+    #: Connections closed because a stage rejected the peer (a bad header, a
+    #: failed handshake, a peer gone mid-stage).
+    stage_failures: int = 0
     #: ``accept()`` failures other than "nothing to accept" and aborted clients.
     accept_errors: int = 0
     #: Connections accepted and not yet closed (parked, in a stage, in a handler).
@@ -72,18 +79,22 @@ class ConnectionTable:
         "errors",
         "handled",
         "refused",
+        "stage_failures",
         "timeouts",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._changed = threading.Condition(threading.Lock())
-        self._live: set[socket.socket] = set()
+        # Every request in progress, by identity (a datagram request is a tuple,
+        # and two identical datagrams are two requests).
+        self._live: dict[int, Any] = {}
         self.clock = clock
         self.accepted = 0
         self.refused = 0
         self.handled = 0
         self.errors = 0
         self.timeouts = 0
+        self.stage_failures = 0
         self.accept_errors = 0
         self.active = 0
 
@@ -94,8 +105,7 @@ class ConnectionTable:
         with self._changed:
             self.accepted += 1
             self.active += 1
-            if isinstance(request, socket.socket):
-                self._live.add(request)
+            self._live[id(request)] = request
 
     def finish(self, request: Any, *, error: bool) -> None:
         """A request's handler is done (its connection is being shut down)."""
@@ -111,6 +121,26 @@ class ConnectionTable:
             self.refused += 1
             self._leave_locked(request)
 
+    def stage_failed(self, request: Any, *, timed_out: bool) -> None:
+        """A connection's stages failed (or ran out of time) before its handler."""
+        with self._changed:
+            if timed_out:
+                self.timeouts += 1
+            else:
+                self.stage_failures += 1
+            self._leave_locked(request)
+
+    def finish_if_held(self, request: Any, *, error: bool) -> bool:
+        """``finish()`` unless the request was already counted out; says which."""
+        with self._changed:
+            if id(request) not in self._live:
+                return False
+            self.handled += 1
+            if error:
+                self.errors += 1
+            self._leave_locked(request)
+            return True
+
     def time_out(self, request: Any) -> None:
         """A connection without a handler was closed by a time-out."""
         with self._changed:
@@ -124,7 +154,7 @@ class ConnectionTable:
 
     def _leave_locked(self, request: Any) -> None:
         self.active -= 1
-        self._live.discard(request)
+        self._live.pop(id(request), None)
         if self.active <= 0:
             self._changed.notify_all()
 
@@ -133,11 +163,23 @@ class ConnectionTable:
     def detach(self, request: Any) -> None:
         """The connection is now a child process's; it stays active until reaped."""
         with self._changed:
-            self._live.discard(request)
+            self._live.pop(id(request), None)
 
-    def finish_detached(self, *, error: bool) -> None:
-        """A child process that handled a detached connection was reaped."""
-        self.finish(None, error=error)
+    def finish_detached(self, outcome: int) -> None:
+        """A child process that handled a detached connection was reaped; its
+        exit status is the runner's outcome (any other status is a failure)."""
+        with self._changed:
+            if outcome == STAGE_FAILED:
+                self.stage_failures += 1
+            elif outcome == TIMED_OUT:
+                self.timeouts += 1
+            else:
+                self.handled += 1
+                if outcome != HANDLED:
+                    self.errors += 1
+            self.active -= 1
+            if self.active <= 0:
+                self._changed.notify_all()
 
     # -- counted apart from a connection -------------------------------------------------
 
@@ -167,6 +209,7 @@ class ConnectionTable:
                 "handled": self.handled,
                 "errors": self.errors,
                 "timeouts": self.timeouts,
+                "stage_failures": self.stage_failures,
                 "accept_errors": self.accept_errors,
                 "active": self.active,
             }
@@ -174,7 +217,7 @@ class ConnectionTable:
     def live(self) -> list[socket.socket]:
         """The stream connections this process holds open now."""
         with self._changed:
-            return list(self._live)
+            return [r for r in self._live.values() if isinstance(r, socket.socket)]
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no connection is active; False if ``timeout`` passed first."""

@@ -6,7 +6,14 @@ what the stdlib never had.
 
 from __future__ import annotations
 
-__all__ = ["AddressError", "MissingExtraError", "NetserveError", "NetserveWarning"]
+__all__ = [
+    "AddressError",
+    "ConnectionTimeout",
+    "MissingExtraError",
+    "NetserveError",
+    "NetserveWarning",
+    "StageError",
+]
 
 
 class NetserveError(Exception):
@@ -15,6 +22,15 @@ class NetserveError(Exception):
 
 class AddressError(NetserveError, ValueError):
     """A listening address given as text could not be understood."""
+
+
+# Named as the stdlib names TimeoutError, and as the limits issue (11) calls it.
+class ConnectionTimeout(NetserveError, TimeoutError):  # noqa: N818
+    """A time-out netserve enforces on a connection ran out (a stage's, so far)."""
+
+
+class StageError(NetserveError):
+    """A connection stage rejected its peer (a malformed header, a failed handshake)."""
 
 
 class MissingExtraError(NetserveError, ImportError):

@@ -21,6 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from netserve._children import Children
+from netserve._connections import FAILED
 from netserve._servers import BaseServer
 
 __all__ = ["ForkingMixIn"]
@@ -58,7 +59,7 @@ class ForkingMixIn(_MixInBase):
         return children
 
     def _netserve_child_exited(self, pid: int, exitcode: int) -> None:
-        self._netserve_table.finish_detached(error=exitcode != 0)
+        self._netserve_table.finish_detached(exitcode)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap finished children; first wait while ``max_children`` are running.
@@ -122,17 +123,17 @@ class ForkingMixIn(_MixInBase):
 
     def _serve_in_child(self, request: Any, client_address: Any) -> NoReturn:
         # The child must never return into the parent's loop or run its cleanup
-        # (atexit, finalizers): every path ends in os._exit. The status is 0 only
-        # when the handler returned normally.
-        status = 1
+        # (atexit, finalizers): every path ends in os._exit. The status is the
+        # runner's outcome: 0 only when the handler returned normally, 1 when it
+        # raised (as in the stdlib), 2 and 3 for a failed or timed-out stage.
+        status = FAILED
         try:
             # The child never accepts: without its copy of the listener, closing
             # the server closes the port even while children still serve.
             listener = getattr(self, "socket", None)
             if listener is not None and listener.type == socket.SOCK_STREAM:
                 listener.close()
-            if self._netserve_run_request(request, client_address):
-                status = 0
+            status = self._netserve_run_request(request, client_address)
         finally:
             # os._exit skips the flush that a normal exit would do.
             for stream in (sys.stdout, sys.stderr):

@@ -36,6 +36,7 @@ from netserve._handlers import _SendallWriter
 from netserve._log import get_logger
 from netserve._loop import drain
 from netserve._servers import TCPServer, UDPServer
+from netserve._stages import Connection, check_deadline
 
 try:
     import greenlet
@@ -641,6 +642,16 @@ class GreenMixIn(_MixInBase):
 
     def _netserve_parked_count(self) -> int:
         return len(self._green_parked)
+
+    def _netserve_stage_wait(self, conn: Connection, write: bool, deadline: float | None) -> None:
+        """Wait in the connection's greenlet until its socket is ready (see _stages)."""
+        remaining = None if deadline is None else deadline - self._netserve_table.clock()
+        check_deadline(remaining)
+        sock = conn.sock
+        assert isinstance(sock, GreenSocket)  # every stream connection on the hub is one
+        outcome = self._green_hub.wait(sock, write=write, timeout=remaining)
+        if outcome is _CLOSED:
+            raise closed_while_waiting()
 
     def green_statistics(self) -> dict[str, int]:
         """Deprecated: use ``statistics()``, a ``ServerStatistics`` snapshot."""

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import _socket
 import collections
+import heapq
+import itertools
 import select
 import selectors
 import socket
@@ -45,8 +47,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from netserve._connections import ServerStatistics
+from netserve._errors import ConnectionTimeout, StageError
 from netserve._log import get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._stages import DONE, READ, WRITE, Connection, Stage, check_deadline
 
 __all__ = [
     "PoolStatistics",
@@ -61,6 +65,10 @@ else:
     _MixInBase = object
 
 log = get_logger("pool")
+
+# A request for a worker: the request, its client address, and the connection
+# whose stages the loop ran (None when the worker is to run them, or none).
+_Job = tuple[Any, Any, "Connection | None"]
 
 # Marks the parked connections' epoll set among the selector's keys.
 _PARKED = "netserve-parked"
@@ -99,7 +107,7 @@ class _Pool:
         self.max_workers = max(1, server.max_workers)
         self.queue_size = max(1, server.queue_size)
         self.daemon = server.daemon_threads
-        self.jobs: collections.deque[tuple[Any, Any]] = collections.deque()
+        self.jobs: collections.deque[_Job] = collections.deque()
         self.lock = threading.Lock()
         self.work_ready = threading.Condition(self.lock)
         self.room_ready = threading.Condition(self.lock)
@@ -115,7 +123,7 @@ class _Pool:
         """Free slots in the queue now (a worker may free more at any moment)."""
         return self.queue_size - len(self.jobs)
 
-    def offer(self, job: tuple[Any, Any]) -> bool:
+    def offer(self, job: _Job) -> bool:
         """Queue a job if there is room; never blocks."""
         with self.lock:
             if len(self.jobs) >= self.queue_size:
@@ -123,14 +131,14 @@ class _Pool:
             self._enqueue(job)
             return True
 
-    def put(self, job: tuple[Any, Any]) -> None:
+    def put(self, job: _Job) -> None:
         """Queue a job, waiting for room."""
         with self.lock:
             while len(self.jobs) >= self.queue_size:
                 self.room_ready.wait()
             self._enqueue(job)
 
-    def _enqueue(self, job: tuple[Any, Any]) -> None:
+    def _enqueue(self, job: _Job) -> None:
         if self.closing:
             raise RuntimeError("the server's thread pool is closed")
         self.jobs.append(job)
@@ -156,7 +164,7 @@ class _Pool:
                         self.work_ready.wait()
                     if not self.jobs:
                         return  # closing, and nothing is left to do
-                    request, client_address = self.jobs.popleft()
+                    request, client_address, staged = self.jobs.popleft()
                     self.busy += 1
                     self.room_ready.notify()
                     wake_loop = self.loop_wants_room
@@ -164,7 +172,7 @@ class _Pool:
                 if wake_loop:
                     server._netserve_stop.wake()
                 try:
-                    server._netserve_run_request(request, client_address)
+                    server._netserve_run_request(request, client_address, staged)
                 except BaseException as exc:
                     # SystemExit (or another BaseException) from a handler: as a
                     # request thread would, but the worker carries on.
@@ -197,12 +205,22 @@ class _Pool:
 
 
 class _Parked:
-    __slots__ = ("client_address", "deadline", "request")
+    """A connection in the parked set: waiting for its first byte, or in its stages."""
 
-    def __init__(self, request: socket.socket, client_address: Any, deadline: float) -> None:
+    __slots__ = ("client_address", "conn", "deadline", "request", "stages")
+
+    def __init__(
+        self,
+        request: socket.socket,
+        client_address: Any,
+        deadline: float | None,
+        stages: list[Stage],
+    ) -> None:
         self.request = request
         self.client_address = client_address
         self.deadline = deadline
+        self.stages = stages
+        self.conn = Connection(request, client_address, deadline) if stages else None
 
 
 class ThreadPoolMixIn(_MixInBase):
@@ -230,11 +248,14 @@ class ThreadPoolMixIn(_MixInBase):
         # Before the server's own __init__: a failed bind calls server_close().
         self._netserve_pool_state = _Pool(self)
         self._netserve_parked: dict[int, _Parked] = {}
-        self._netserve_park_order: collections.deque[_Parked] = collections.deque()
+        # Deadlines of parked connections (park_timeout, or their stages'),
+        # earliest first; entries of connections gone since are skipped.
+        self._netserve_deadlines: list[tuple[float, int, _Parked]] = []
+        self._netserve_sequence = itertools.count()
         self._netserve_park_set: select.epoll | None = None
         # Requests that found the queue full after all (another thread queued
         # through handle_request() in between): at most one poll's worth.
-        self._netserve_overflow: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._netserve_overflow: collections.deque[_Job] = collections.deque()
         self._netserve_park_timeouts = 0
         self._netserve_selector_now: selectors.BaseSelector | None = None
         self._netserve_park_watched = False
@@ -257,37 +278,83 @@ class ThreadPoolMixIn(_MixInBase):
             )
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Park a stream connection until it speaks, or hand the request to a worker."""
+        """Park a stream connection until it speaks (and through its stages), or
+        hand the request to a worker."""
         pool = self._netserve_pool_state
         if self._netserve_selector_now is None:
             # Not inside serve_forever() (handle_request()): nobody would watch a
-            # parked connection, so hand it over, waiting for room.
-            pool.put((request, client_address))
-        elif self.park_until_readable and _is_stream(request) and not _has_input(request):
-            self._netserve_park(request, client_address)
-        elif not pool.offer((request, client_address)):
+            # parked connection, so hand it over, waiting for room (the worker
+            # runs the stages, if any).
+            pool.put((request, client_address, None))
+            return
+        stages = self._netserve_stages() if _is_stream(request) else []
+        if stages or (self.park_until_readable and _is_stream(request) and not _has_input(request)):
+            self._netserve_park(request, client_address, stages)
+        elif not pool.offer((request, client_address, None)):
             # The queue filled during this batch of accepts: the connection has
             # spoken, so the parked set hands it over as soon as there is room.
-            self._netserve_park(request, client_address)
+            self._netserve_park(request, client_address, stages)
 
-    def _netserve_park(self, request: socket.socket, client_address: Any) -> None:
+    def _netserve_park(
+        self, request: socket.socket, client_address: Any, stages: list[Stage]
+    ) -> None:
         park_set = self._netserve_park_set
         if park_set is None:
             park_set = self._netserve_park_set = select.epoll()
-        deadline = 0.0
-        if self.park_timeout is not None:
+        if stages:
+            deadline = self._netserve_stage_deadline()
+        elif self.park_timeout is not None:
             deadline = self._netserve_table.clock() + self.park_timeout
-        parked = _Parked(request, client_address, deadline)
+        else:
+            deadline = None
+        parked = _Parked(request, client_address, deadline, stages)
         fd = request.fileno()
         park_set.register(fd, select.EPOLLIN)
         self._netserve_parked[fd] = parked
-        if self.park_timeout is not None:
-            self._netserve_park_order.append(parked)
+        if deadline is not None:
+            heapq.heappush(
+                self._netserve_deadlines, (deadline, next(self._netserve_sequence), parked)
+            )
 
     def _netserve_unpark(self, fd: int) -> _Parked:
         assert self._netserve_park_set is not None
         self._netserve_park_set.unregister(fd)
         return self._netserve_parked.pop(fd)
+
+    def _netserve_advance(self, fd: int, parked: _Parked) -> _Job | None:
+        """Run a parked connection's stages as far as they go without blocking;
+        the job for a worker once they are done (see _stages, the pool's driver)."""
+        conn = parked.conn
+        assert conn is not None
+        stages = parked.stages
+        try:
+            while conn.stage < len(stages):
+                check_deadline(
+                    None if conn.deadline is None else conn.deadline - self._netserve_table.clock()
+                )
+                want = stages[conn.stage].advance(conn)
+                if want == DONE:
+                    conn.stage += 1
+                elif want in (READ, WRITE):
+                    assert self._netserve_park_set is not None
+                    events = select.EPOLLOUT if want == WRITE else select.EPOLLIN
+                    self._netserve_park_set.modify(fd, events)
+                    return None
+                else:
+                    raise StageError(f"{stages[conn.stage]!r}.advance() returned {want!r}")
+        except (StageError, OSError) as exc:
+            self._netserve_unpark(fd)
+            self._netserve_stage_failed(conn, exc)
+            return None
+        except Exception:
+            # A bug in a stage is the server's, as one in a handler is.
+            self._netserve_unpark(fd)
+            self.handle_error(conn.request, conn.client_address)
+            self._netserve_table.finish(conn.sock, error=True)
+            self._netserve_close_staged(conn)
+            return None
+        self._netserve_unpark(fd)
+        return (conn.request, conn.client_address, conn)
 
     def _netserve_parked_count(self) -> int:
         return len(self._netserve_parked)
@@ -311,8 +378,8 @@ class ThreadPoolMixIn(_MixInBase):
         self._netserve_selector_now = None
 
     def _netserve_ready(self, key: selectors.SelectorKey) -> None:
-        # Parked connections spoke (or closed): as many as there is room for
-        # go to the workers; the others stay ready in the parked set.
+        # Parked connections spoke (or closed), or their stages can go on: as
+        # many as there is room for are taken; the others stay ready in the set.
         park_set = self._netserve_park_set
         assert park_set is not None
         pool = self._netserve_pool_state
@@ -320,9 +387,14 @@ class ThreadPoolMixIn(_MixInBase):
         if room <= 0:
             return
         for fd, _ in park_set.poll(0, room):
-            parked = self._netserve_unpark(fd)
-            job = (parked.request, parked.client_address)
-            if not pool.offer(job):
+            parked = self._netserve_parked[fd]
+            job: _Job | None
+            if parked.conn is not None:
+                job = self._netserve_advance(fd, parked)
+            else:
+                self._netserve_unpark(fd)
+                job = (parked.request, parked.client_address, None)
+            if job is not None and not pool.offer(job):
                 self._netserve_overflow.append(job)
 
     def _netserve_accept_allowed(self) -> bool:
@@ -354,22 +426,28 @@ class ThreadPoolMixIn(_MixInBase):
         return self._netserve_expire_parked(poll_interval)
 
     def _netserve_expire_parked(self, poll_interval: float | None) -> float | None:
-        order = self._netserve_park_order
-        if not order:
+        deadlines = self._netserve_deadlines
+        if not deadlines:
             return poll_interval
         table = self._netserve_table
         now = table.clock()
-        while order and order[0].deadline <= now:
-            parked = order.popleft()
+        while deadlines and deadlines[0][0] <= now:
+            parked = heapq.heappop(deadlines)[2]
             fd = parked.request.fileno()
-            if self._netserve_parked.get(fd) is parked:
-                self._netserve_unpark(fd)
-                self._netserve_park_timeouts += 1
-                table.time_out(parked.request)
-                self.shutdown_request(parked.request)
-        if not order:
+            if self._netserve_parked.get(fd) is not parked:
+                continue  # handed over or closed since
+            self._netserve_unpark(fd)
+            if parked.conn is not None:
+                self._netserve_stage_failed(
+                    parked.conn, ConnectionTimeout("the connection's stages did not finish in time")
+                )
+                continue
+            self._netserve_park_timeouts += 1
+            table.time_out(parked.request)
+            self.shutdown_request(parked.request)
+        if not deadlines:
             return poll_interval
-        until_next = max(0.0, order[0].deadline - now)
+        until_next = max(0.0, deadlines[0][0] - now)
         return until_next if poll_interval is None else min(poll_interval, until_next)
 
     def server_close(self) -> None:
@@ -391,7 +469,7 @@ class ThreadPoolMixIn(_MixInBase):
             request = self._netserve_unpark(fd).request
             table.drop(request)
             self.shutdown_request(request)
-        self._netserve_park_order.clear()
+        self._netserve_deadlines.clear()
         if self._netserve_park_set is not None:
             self._netserve_park_set.close()
             self._netserve_park_set = None
@@ -405,9 +483,11 @@ class ThreadPoolMixIn(_MixInBase):
             pool.room_ready.notify_all()
         queued += self._netserve_overflow
         self._netserve_overflow.clear()
-        for request, _ in queued:
-            self._netserve_table.drop(request)
+        for request, _, staged in queued:
+            self._netserve_table.drop(request if staged is None else staged.sock)
             self.shutdown_request(request)
+            if staged is not None and staged.sock is not request:
+                self.shutdown_request(staged.sock)
         super().abort_connections()
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import select
 import selectors
 import socket
 import sys
@@ -36,9 +38,18 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
 from netserve._accept import Acceptor
-from netserve._connections import ConnectionTable, ServerStatistics
-from netserve._log import RateLimitedLog
+from netserve._connections import (
+    FAILED,
+    HANDLED,
+    STAGE_FAILED,
+    TIMED_OUT,
+    ConnectionTable,
+    ServerStatistics,
+)
+from netserve._errors import StageError
+from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
+from netserve._stages import Connection, Stage, check_deadline, run_stages
 
 if TYPE_CHECKING:
     from netserve._handlers import BaseRequestHandler
@@ -63,6 +74,8 @@ _Request = Any
 _Address = Any
 _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
+_stage_log = get_logger("stages")
+
 _RULE = "-" * 40
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 # Marks the wake-up socket among the selector's keys.
@@ -80,6 +93,11 @@ class BaseServer:
     # Connections accepted per readiness of a stream listener (datagram servers
     # take one). One keeps the stdlib's pace for the one-at-a-time server.
     accept_batch: int = 1
+    # How long all the stages of one connection (a PROXY header, a TLS
+    # handshake) may take together, from its accept (None: no limit). Ten
+    # seconds: a handshake over a slow mobile link takes a few; a client that
+    # needs longer is more likely stalling than slow.
+    stage_timeout: float | None = 10.0
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
@@ -345,23 +363,41 @@ class BaseServer:
         return True
 
     def process_request(self, request: _Request, client_address: _Address) -> None:
-        """Run the handler for one request, then shut the request down.
+        """Run the handler for one request, then shut the request down."""
+        self._netserve_run_request(request, client_address)
 
-        Errors are the caller's to handle (the accept routine reports them), as
-        in the stdlib.
+    # -- the one request runner ---------------------------------------------------------
+
+    def _netserve_run_request(
+        self, request: _Request, client_address: _Address, staged: Connection | None = None
+    ) -> int:
+        """Run one request: its stages, the handler, and the stdlib's error chain.
+
+        Every model runs this where it handles a request (the serving thread for
+        sync, a request thread, the forking child, a pool worker, a greenlet):
+        the stages (unless the pool already ran them: ``staged``), the handler,
+        ``handle_error()`` for an ``Exception``, and ``shutdown_request()``
+        whatever happens. Returns the outcome (``_connections.HANDLED`` ...); any
+        other BaseException propagates (the model decides what it means, and counts
+        it with ``table.error()`` if it reports it).
         """
-        self.finish_request(request, client_address)
-        self._netserve_table.finish(request, error=False)
-        self.shutdown_request(request)
-
-    def _netserve_run_request(self, request: _Request, client_address: _Address) -> bool:
-        """Handle a request away from the serving loop (thread, child, worker, greenlet).
-
-        The chain every concurrent model runs: the handler, ``handle_error()`` for
-        an ``Exception``, and ``shutdown_request()`` whatever happens. Returns False
-        when the handler raised; any other BaseException propagates (the model
-        decides what it means, and counts it with ``table.error()`` if it reports it).
-        """
+        original = request
+        if staged is None and isinstance(request, socket.socket):
+            stages = self._netserve_stages()
+            if stages:
+                staged = Connection(request, client_address, self._netserve_stage_deadline())
+                try:
+                    run_stages(staged, stages, self._netserve_stage_wait)
+                except (StageError, OSError) as exc:  # ConnectionTimeout is an OSError
+                    return self._netserve_stage_failed(staged, exc)
+                except Exception:
+                    # A bug in a stage is the server's, as one in a handler is.
+                    self.handle_error(staged.request, staged.client_address)
+                    self._netserve_table.finish(original, error=True)
+                    self._netserve_close_staged(staged)
+                    return FAILED
+        if staged is not None:
+            request, client_address = staged.request, staged.client_address
         error = False
         try:
             self.finish_request(request, client_address)
@@ -371,9 +407,45 @@ class BaseServer:
         finally:
             # Counted before the peer can see the close: whoever it tells then
             # finds the request counted.
-            self._netserve_table.finish(request, error=error)
+            self._netserve_table.finish(original, error=error)
             self.shutdown_request(request)
-        return not error
+        return FAILED if error else HANDLED
+
+    # -- connection stages (see _stages) -------------------------------------------------
+
+    def _netserve_stages(self) -> list[Stage]:
+        """Fresh stages for one new stream connection, in order; a mix-in adds its
+        own to what ``super()`` returns."""
+        return []
+
+    def _netserve_stage_deadline(self) -> float | None:
+        limit = self.stage_timeout
+        return None if limit is None else self._netserve_table.clock() + limit
+
+    def _netserve_stage_wait(self, conn: Connection, write: bool, deadline: float | None) -> None:
+        """Wait, blocking this thread, until ``conn.sock`` is ready (see _stages)."""
+        clock = self._netserve_table.clock
+        remaining = None if deadline is None else deadline - clock()
+        check_deadline(remaining)
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLOUT if write else select.POLLIN)
+        poller.poll(None if remaining is None else math.ceil(remaining * 1000))
+
+    def _netserve_stage_failed(self, conn: Connection, exc: BaseException) -> int:
+        """A connection's stages failed: counted, logged quietly, closed; never
+        ``handle_error()`` (a bad or slow peer is not a bug in the server)."""
+        timed_out = isinstance(exc, TimeoutError)
+        self._netserve_table.stage_failed(conn.sock, timed_out=timed_out)
+        _stage_log.debug(
+            "connection from %s closed in stage %d: %r", conn.client_address, conn.stage, exc
+        )
+        self._netserve_close_staged(conn)
+        return TIMED_OUT if timed_out else STAGE_FAILED
+
+    def _netserve_close_staged(self, conn: Connection) -> None:
+        self.shutdown_request(conn.request)
+        if conn.request is not conn.sock:
+            self.shutdown_request(conn.sock)
 
     def _netserve_escaped(self, exc: BaseException, logger: logging.Logger) -> None:
         """A ``SystemExit`` (or another BaseException) that a handler let out, in a
