@@ -31,7 +31,7 @@ from netserve._handlers import _SendallWriter
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from netserve._green import GreenSocket
+    from netserve._greensocket import GreenSocket
 
 __all__ = ["GreenReader", "GreenSendallWriter", "GreenSocketIO", "closed_while_waiting"]
 
