@@ -86,7 +86,7 @@ class _Starter:
         self.server = server
         self.sock = sock
         self.address = address
-        sock._reader = self
+        sock.hub_reader = self
         server._green_parked.add(sock)
         timeout = server.park_timeout
         self.timer: Timer | None = (
@@ -274,7 +274,7 @@ class GreenMixIn(_MixInBase):
         if isinstance(request, socket.socket):
             if not isinstance(request, GreenSocket):
                 request = GreenSocket(hub, request)
-            if self.park_until_readable and request._stream:
+            if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
                 _Starter(self, request, client_address)
                 return
         elif isinstance(request, tuple) and request[1] is self.socket:
@@ -290,7 +290,7 @@ class GreenMixIn(_MixInBase):
     def _green_unpark(self, sock: GreenSocket) -> None:
         """Close a parked connection that never got a handler (the caller counts it)."""
         self._green_parked.discard(sock)
-        sock._reader = None
+        sock.hub_reader = None
         self._green_hub.active -= 1
         self.shutdown_request(sock)
 

@@ -3,7 +3,14 @@
 A ``socket.socket`` whose waits (recv, send, ...) suspend the calling handler
 greenlet and let the hub run the others, with the stdlib's timeout semantics
 (``settimeout``/``gettimeout``, ``TimeoutError``). At the system level it is
-always non-blocking.
+always non-blocking. It talks to the kernel (``_hub``) only through the
+kernel's interface: ``Hub.register``/``forget``/``notify_closing``, the one wait
+(``Hub.wait_readable``/``wait_writable`` with a deadline on ``Hub.clock``), and
+the four ``hub_*`` attributes of ``HubSocket``, which it carries.
+
+Every read that may wait (recv, recv_into, rfile's reads in ``_greenfile``)
+takes the same steps: wait for the next read edge only if the readable hint
+says so, read, and on a short read clear the hint (rule 2 of ``_hub``).
 """
 
 from __future__ import annotations
@@ -11,36 +18,16 @@ from __future__ import annotations
 import _socket
 import io
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 
-from netserve._handlers import _SendallWriter
-
-try:
-    import greenlet
-    from greenlet import getcurrent
-
-    from netserve._greenfile import (
-        GreenReader,
-        GreenSendallWriter,
-        GreenSocketIO,
-        closed_while_waiting,
-    )
-except ImportError as exc:  # the [green] extra is not installed
-    if exc.name != "greenlet":
-        raise
-    greenlet = getcurrent = None
-    GreenReader = GreenSendallWriter = GreenSocketIO = closed_while_waiting = None  # type: ignore[assignment, misc]
+from netserve._greenfile import GreenReader, GreenSendallWriter, GreenSocketIO
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from netserve._hub import Hub
+    from netserve._hub import Hub, Waiter
 
 __all__ = ["GreenSocket"]
-
-# Passed to a waiting greenlet whose socket was closed under it.
-_CLOSED = object()
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
@@ -60,20 +47,30 @@ class GreenSocket(socket.socket):
     It takes over the descriptor of an accepted socket. At the system level it
     is always non-blocking; ``settimeout()``/``setblocking()`` set what the
     caller sees, as on a plain socket.
+
+    For the layers around it: ``hub`` is the kernel it is registered with;
+    ``hub_readable``, ``hub_hangup``, ``hub_reader`` and ``hub_writer`` are the
+    kernel's interface on a registered socket (``_hub.HubSocket``);
+    ``untimed_stream`` tells its files that a read may take the fast path (a
+    stream socket without a timeout: the hint, then an untimed wait).
     """
 
-    # StreamRequestHandler's wfile when wbufsize == 0 (set below).
-    _netserve_sendall_writer: type[_SendallWriter]
+    # StreamRequestHandler's wfile when wbufsize == 0.
+    _netserve_sendall_writer = GreenSendallWriter
 
     __slots__ = (
         "_green_timeout",
-        "_hangup",
-        "_hub",
-        "_readable",
-        "_reader",
         "_stream",
-        "_writer",
+        "hub",
+        "hub_hangup",
+        "hub_readable",
+        "hub_reader",
+        "hub_writer",
+        "untimed_stream",
     )
+
+    hub_reader: Waiter | None
+    hub_writer: Waiter | None
 
     def __init__(
         self,
@@ -96,14 +93,15 @@ class GreenSocket(socket.socket):
         self._io_refs = 0
         self._closed = False
         _base_setblocking(self, False)
-        self._green_timeout = timeout
-        self._hub = hub
-        self._reader: Any = None
-        self._writer: Any = None
+        self.hub = hub
+        self.hub_reader = None
+        self.hub_writer = None
         # Unknown at first, so the first read tries at once (rule 2 of _hub).
-        self._readable = True
-        self._hangup = False
+        self.hub_readable = True
+        self.hub_hangup = False
         self._stream = kind == socket.SOCK_STREAM
+        self._green_timeout = timeout
+        self.untimed_stream = self._stream and timeout is None
         hub.register(fileno, self)
 
     # -- timeouts, as the caller sees them ---------------------------------------------
@@ -113,13 +111,17 @@ class GreenSocket(socket.socket):
             value = float(value)
             if value < 0:
                 raise ValueError("Timeout value out of range")
+        self._set_timeout(value)
+
+    def _set_timeout(self, value: float | None) -> None:
         self._green_timeout = value
+        self.untimed_stream = self._stream and value is None
 
     def gettimeout(self) -> float | None:
         return self._green_timeout
 
     def setblocking(self, flag: bool) -> None:
-        self._green_timeout = None if flag else 0.0
+        self._set_timeout(None if flag else 0.0)
 
     def getblocking(self) -> bool:
         return self._green_timeout != 0.0
@@ -132,39 +134,30 @@ class GreenSocket(socket.socket):
 
     def _deadline(self) -> float | None:
         timeout = self._green_timeout
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _wait(self, write: bool, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        outcome = self._hub.wait(self, write=write, timeout=timeout)
-        if outcome is None:
-            return
-        if outcome is _CLOSED:
-            raise closed_while_waiting()
-        raise TimeoutError("timed out")
+        return None if timeout is None else self.hub.clock() + timeout
 
     # -- reading -----------------------------------------------------------------------
 
     def _read(self, call: Any, size: int, flags: int, *args: Any) -> Any:
-        """A stream-aware cooperative read (recv, recv_into), using the readable
-        hint of rule 2 in _hub. (rfile's reads take the same steps inline, in
-        GreenReader._receive.)"""
+        """The one cooperative read of a stream (recv, recv_into); rfile's
+        reads take the same steps inline, in GreenReader._receive."""
         if self._green_timeout == 0.0:
             return call(self, *args, flags)
         deadline = self._deadline()
-        if not self._readable:
-            self._wait_readable(deadline)
+        hub = self.hub
+        if not self.hub_readable:
+            hub.wait_readable(self, deadline)
         while True:
             try:
                 result = call(self, *args, flags)
             except BlockingIOError:
-                self._readable = False
-                self._wait_readable(deadline)
+                self.hub_readable = False
+                hub.wait_readable(self, deadline)
                 continue
             count = result if type(result) is int else len(result)
             if 0 < count < size and self._stream and not flags:
                 # A short read drained the queue (unless the peer hung up).
-                self._readable = self._hangup
+                self.hub_readable = self.hub_hangup
             return result
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
@@ -175,21 +168,6 @@ class GreenSocket(socket.socket):
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data: bytes = self._read(_recv, bufsize, flags, bufsize)
         return data
-
-    def _wait_readable(self, deadline: float | None) -> None:
-        if deadline is not None:
-            self._wait(False, deadline)
-            return
-        # No timeout, the common case: switch to the hub directly. The hub
-        # switches back (with None) on the next read edge. (GreenReader._receive
-        # repeats these lines inline, on rfile's path: change both together.)
-        self._reader = getcurrent()
-        try:
-            outcome = self._hub.greenlet.switch()  # type: ignore[union-attr]
-        finally:
-            self._reader = None
-        if outcome is not None:
-            raise closed_while_waiting()
 
     def _retry(self, call: Any, write: bool, *args: Any) -> Any:
         """Call until it stops raising BlockingIOError, waiting cooperatively."""
@@ -206,8 +184,10 @@ class GreenSocket(socket.socket):
                 if write and not self._stream:
                     self._retry_later(attempt, deadline)
                     attempt += 1
+                elif write:
+                    self.hub.wait_writable(self, deadline)
                 else:
-                    self._wait(write, deadline)
+                    self.hub.wait_readable(self, deadline)
 
     def _retry_later(self, attempt: int, deadline: float | None) -> None:
         # A datagram send fails with EAGAIN when the *receiver's* queue is full
@@ -216,11 +196,11 @@ class GreenSocket(socket.socket):
         # could wait forever. Retry after a short, growing pause instead.
         pause = min(0.05, 0.0005 * (2**attempt))
         if deadline is not None:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.hub.clock()
             if remaining <= 0:
                 raise TimeoutError("timed out")
             pause = min(pause, remaining)
-        self._hub.sleep(pause)
+        self.hub.sleep(pause)
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         result: tuple[bytes, Any] = self._retry(_recvfrom, False, bufsize, flags)
@@ -263,7 +243,7 @@ class GreenSocket(socket.socket):
                 except BlockingIOError:
                     if self._green_timeout == 0.0:
                         raise
-                    self._wait(True, deadline)
+                    self.hub.wait_writable(self, deadline)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         # os.sendfile() would wait for writability in a blocking select(); read
@@ -322,29 +302,15 @@ class GreenSocket(socket.socket):
     def _real_close(self, _ss: Any = socket.socket) -> None:
         fd = _fileno(self)
         if fd >= 0:
-            self._hub.forget(fd, self)
-        if self._reader is not None or self._writer is not None:
-            self._wake_waiters()
+            self.hub.forget(fd, self)
+        if self.hub_reader is not None or self.hub_writer is not None:
+            self.hub.notify_closing(self)
         _base_close(self)
 
     def detach(self) -> int:
         fd = _fileno(self)
         if fd >= 0:
-            self._hub.forget(fd, self)
-        self._wake_waiters()
+            self.hub.forget(fd, self)
+        if self.hub_reader is not None or self.hub_writer is not None:
+            self.hub.notify_closing(self)
         return super().detach()
-
-    def _wake_waiters(self) -> None:
-        hub = self._hub
-        for waiter in (self._reader, self._writer):
-            # Not a parked connection's starter, which waits for an edge only.
-            if waiter is not None and isinstance(waiter, greenlet.greenlet):
-                if hub.on_hub_thread():
-                    hub.schedule(waiter, _CLOSED)
-                else:
-                    hub.call_soon_threadsafe(lambda w=waiter: w.switch(_CLOSED))  # type: ignore[misc]
-        self._reader = self._writer = None
-
-
-if GreenSendallWriter is not None:
-    GreenSocket._netserve_sendall_writer = GreenSendallWriter
