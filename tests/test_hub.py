@@ -367,3 +367,39 @@ def test_a_call_after_the_thread_ended_starts_another(clock: FakeClock) -> None:
         assert second is not first
     finally:
         hub.close()
+
+
+def test_a_thread_started_while_the_last_one_ends_keeps_its_spares(
+    excepthook_calls: list[type[BaseException]],
+) -> None:
+    # The first thread has torn down and is on its way out when a call starts
+    # a second one, which makes a spare greenlet: the first must not touch it
+    # (greenlets cannot be switched across threads).
+    hub = Hub("test-hub")
+    used: list[greenlet.greenlet] = []
+    left = threading.Event()
+
+    def record(_: object, __: object) -> None:
+        used.append(greenlet.getcurrent())
+
+    def make_a_spare() -> None:
+        hub.hold()  # keeps the second thread, and its spare
+        hub.spawn(record, None, None)
+
+    def loop() -> None:
+        Hub._loop(hub)  # returns once torn down
+        if not left.is_set():
+            hub.run_sync(make_a_spare)  # from the first thread, on the second
+            left.set()
+
+    hub._loop = loop  # type: ignore[method-assign]
+    try:
+        hub.call_soon_threadsafe(lambda: None)
+        assert left.wait(10)
+        hub.run_sync(lambda: hub.spawn(record, None, None))
+        assert used[1] is used[0]  # the second thread's spare, alive and reused
+        hub.run_sync(hub.release)
+    finally:
+        hub.close()
+    assert used[0].dead
+    assert excepthook_calls == []

@@ -35,7 +35,8 @@ list of spares for the next ``spawn()``, instead of ending. Under connection
 churn a fresh greenlet per connection cost about a tenth of the hub's time: on
 CPython 3.11 each one maps a 16 KiB frame stack of its own (mmap, page faults,
 munmap). A reused greenlet starts each task in an empty ``contextvars``
-context, as a new one would. Spares end with the hub's thread.
+context, as a new one would. Spares belong to the thread that made them and
+end with it; a thread started after it gets a list of its own.
 
 Rule 5: time is the hub's ``clock`` (``time.monotonic`` unless given): timers
 and the deadlines of waits are times on it, and the loop's epoll timeout is the
@@ -194,7 +195,8 @@ class Hub:
         # Reasons to keep the thread alive besides live greenlets.
         self._holds = 0
         self._closing = False
-        # Finished greenlets waiting for the next spawn() (rule 4).
+        # Finished greenlets waiting for the next spawn(): the running thread's
+        # (rule 4); each thread gets a fresh list.
         self.max_spares = max_spares
         self._spares: list[greenlet.greenlet] = []
 
@@ -282,6 +284,7 @@ class Hub:
             thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
             self._epoll, self._wake_r, self._wake_w = epoll, wake_r, wake_w
             self._special[wake_r.fileno()] = self._run_calls
+            self._spares = []
             self._thread = thread
             thread.start()
         except BaseException:
@@ -297,14 +300,18 @@ class Hub:
         self._ident = threading.get_ident()
         _local.hub = self
         self.greenlet = greenlet.getcurrent()
+        # This thread's spares: once the loop has torn down, the next thread
+        # (started by a call meanwhile) may already fill self._spares with its own.
+        spares = self._spares
         try:
             self._loop()
         finally:
-            _end_spares(self._spares)
             _local.hub = None
-            with self._lock:
-                # After an error in the loop itself; a normal end tore down already.
-                if self._thread is threading.current_thread():
+            if self._thread is threading.current_thread():
+                # The loop itself failed: a normal end tore down already (and
+                # ended the spares first).
+                _end_spares(spares)
+                with self._lock:
                     self._teardown_locked()
 
     def _teardown_locked(self) -> None:
@@ -603,6 +610,7 @@ def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> 
     back at each of its switches (measured with ``greenlet._stack_saved``: 2024
     bytes a waiting handler before, 1880 after).
     """
+    # This thread's list (rule 4): the greenlet is made on the hub's thread.
     spares = hub._spares
     current = greenlet.getcurrent()
     hub_greenlet = current.parent
