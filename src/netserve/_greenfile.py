@@ -118,6 +118,8 @@ class GreenReader(io.BufferedIOBase):
             if len(data) < size:
                 # A short read drained the queue (unless the peer hung up).
                 sock.hub_readable = sock.hub_hangup
+            else:
+                sock.hub_readable = True  # a read spends a peek's mark
             return data
 
     def _take(self, count: int) -> bytes:

@@ -8,9 +8,25 @@ kernel's interface: ``Hub.register``/``forget``/``notify_closing``, the one wait
 (``Hub.wait_readable``/``wait_writable`` with a deadline on ``Hub.clock``), and
 the four ``hub_*`` attributes of ``HubSocket``, which it carries.
 
-Every read that may wait (recv, recv_into, rfile's reads in ``_greenfile``)
-takes the same steps: wait for the next read edge only if the readable hint
-says so, read, and on a short read clear the hint (rule 2 of ``_hub``).
+Theory of operation: one wait path for reads
+--------------------------------------------
+Every read that may wait (recv, recv_into, a peek, rfile's reads in
+``_greenfile``) takes the same steps: wait for the next read edge only if the
+readable hint says so, read, and on a short read clear the hint (rule 2 of
+``_hub``).
+
+A peek (``MSG_PEEK``) consumes nothing, so a short peek cannot clear the hint:
+the bytes are still there for the next read. Yet a handler that peeks until a
+whole header has come asks again and again, and would get the same bytes at
+once, forever: the hub would spin in that handler and serve no one else. So a
+short peek leaves a mark in the hint, ``_PEEKED``: still true (a read takes
+those bytes at once), but a peek that finds it waits for the next read edge,
+since nothing new has come since the last peek. Any edge (new bytes) sets the
+hint back to True; so does any read that consumes (a short one clears it).
+Once the peer has hung up no edge will come: a peek then returns the same bytes
+at once, as a plain socket's would, but yields to the hub first so that the
+others are served meanwhile. The socket's timeout bounds the wait as it bounds
+a read's.
 """
 
 from __future__ import annotations
@@ -29,6 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GreenSocket"]
 
+# The readable hint after a short peek (see the module's docstring): true, so
+# that a read tries at once, and not True, which every edge writes.
+_PEEKED = 2
+
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
 _recvfrom = socket.socket.recvfrom
@@ -39,6 +59,7 @@ _fileno = socket.socket.fileno
 _base_setblocking = socket.socket.setblocking
 _base_close = _socket.socket.close
 _socket_init = _socket.socket.__init__
+_MSG_PEEK = socket.MSG_PEEK
 
 
 class GreenSocket(socket.socket):
@@ -97,7 +118,7 @@ class GreenSocket(socket.socket):
         self.hub_reader = None
         self.hub_writer = None
         # Unknown at first, so the first read tries at once (rule 2 of _hub).
-        self.hub_readable = True
+        self.hub_readable: int = True
         self.hub_hangup = False
         self._stream = kind == socket.SOCK_STREAM
         self._green_timeout = timeout
@@ -139,14 +160,22 @@ class GreenSocket(socket.socket):
     # -- reading -----------------------------------------------------------------------
 
     def _read(self, call: Any, size: int, flags: int, *args: Any) -> Any:
-        """The one cooperative read of a stream (recv, recv_into); rfile's
-        reads take the same steps inline, in GreenReader._receive."""
+        """The one cooperative read of a stream (recv, recv_into, and their
+        peeks); rfile's reads take the same steps inline, in
+        GreenReader._receive. See the module's docstring."""
         if self._green_timeout == 0.0:
             return call(self, *args, flags)
         deadline = self._deadline()
         hub = self.hub
+        peek = flags & _MSG_PEEK and self._stream
         if not self.hub_readable:
             hub.wait_readable(self, deadline)
+        elif peek and self.hub_readable == _PEEKED:
+            # Nothing new since the last peek.
+            if self.hub_hangup:
+                hub.sleep(0)
+            else:
+                hub.wait_readable(self, deadline)
         while True:
             try:
                 result = call(self, *args, flags)
@@ -154,10 +183,15 @@ class GreenSocket(socket.socket):
                 self.hub_readable = False
                 hub.wait_readable(self, deadline)
                 continue
-            count = result if type(result) is int else len(result)
-            if 0 < count < size and self._stream and not flags:
-                # A short read drained the queue (unless the peer hung up).
-                self.hub_readable = self.hub_hangup
+            if self._stream:
+                count = result if type(result) is int else len(result)
+                if peek:
+                    if 0 < count < size:
+                        self.hub_readable = _PEEKED
+                elif not flags:
+                    # A short read drained the queue (unless the peer hung up);
+                    # any read spends a peek's mark.
+                    self.hub_readable = self.hub_hangup if 0 < count < size else True
             return result
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:

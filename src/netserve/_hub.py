@@ -119,14 +119,15 @@ class HubSocket(Protocol):
 
     ``hub_readable``: the readable hint of rule 2. The loop sets it to True on
     every read edge; a reader clears it (False) after a short read and then
-    waits for the next edge.
+    waits for the next edge. Any true value means "try the read first" (the
+    socket keeps a value of its own there for a peek, see ``_greensocket``).
     ``hub_hangup``: set by the loop once the peer has hung up (or the
     connection failed); from then on no edge will come.
     ``hub_reader``, ``hub_writer``: what to switch to (with None) on the next
     read or write edge; the loop clears the field before it switches.
     """
 
-    hub_readable: bool
+    hub_readable: int
     hub_hangup: bool
     hub_reader: Waiter | None
     hub_writer: Waiter | None
