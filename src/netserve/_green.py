@@ -224,8 +224,16 @@ class GreenMixIn(_MixInBase):
         # Datagrams too: on the hub the socket is non-blocking while serving.
         return max(1, self.accept_batch)
 
-    def _green_adopt(self, fd: int, client_address: Any) -> tuple[GreenSocket, Any]:
-        """A freshly accepted descriptor, straight into a GreenSocket."""
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; on the hub, straight into a GreenSocket.
+
+        Taking the descriptor from the listener saves building a plain socket
+        only to take it apart again (a tenth of a hub's time under churn).
+        Elsewhere (handle_request() on another thread), the usual accept().
+        """
+        if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():
+            return super().get_request()
+        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
         try:
             sock = GreenSocket(
                 self._green_hub,
@@ -238,17 +246,6 @@ class GreenMixIn(_MixInBase):
             os.close(fd)
             raise
         return sock, client_address
-
-    def get_request(self) -> tuple[Any, Any]:
-        """Accept a connection; on the hub, straight into a GreenSocket.
-
-        Taking the descriptor from the listener saves building a plain socket
-        only to take it apart again (a tenth of a hub's time under churn).
-        Elsewhere (handle_request() on another thread), the usual accept().
-        """
-        if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():
-            return super().get_request()
-        return self._green_adopt(*self.socket._accept())  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the request's greenlet on the hub (from any thread)."""
@@ -271,14 +268,20 @@ class GreenMixIn(_MixInBase):
         # Counted once here, uncounted when its greenlet ends or it is unparked:
         # the hub's thread lives while this is above zero.
         hub.active += 1
-        if isinstance(request, socket.socket):
-            if not isinstance(request, GreenSocket):
-                request = GreenSocket(hub, request)
-            if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
-                _Starter(self, request, client_address)
+        # What get_request() gives on the hub: a GreenSocket (checked first,
+        # with no call, as this runs for every connection).
+        if type(request) is not GreenSocket:
+            if isinstance(request, socket.socket):
+                if not isinstance(request, GreenSocket):
+                    request = GreenSocket(hub, request)
+            else:
+                if isinstance(request, tuple) and request[1] is self.socket:
+                    request = (request[0], self._green_datagram_socket())
+                hub.spawn(self._green_run, request, client_address)
                 return
-        elif isinstance(request, tuple) and request[1] is self.socket:
-            request = (request[0], self._green_datagram_socket())
+        if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
+            _Starter(self, request, client_address)
+            return
         hub.spawn(self._green_run, request, client_address)
 
     def _green_park_expired(self, starter: _Starter) -> None:

@@ -85,6 +85,7 @@ _CLOSED = object()
 _COMPACT_AFTER = 512
 
 _local = threading.local()
+_get_ident = threading.get_ident
 
 
 def current_hub() -> Hub | None:
@@ -208,7 +209,7 @@ class Hub:
         return self._thread
 
     def on_hub_thread(self) -> bool:
-        return self._ident == threading.get_ident()
+        return self._ident == _get_ident()
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the hub's thread, starting the thread if needed.
