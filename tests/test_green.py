@@ -1,9 +1,11 @@
-"""GreenMixIn and GreenSocket: cooperative waits, timeouts, many connections."""
+"""GreenMixIn: cooperative handlers, timeouts, many connections, the hub's life.
+
+(GreenSocket's own tests: test_greensocket.py; the kernel's: test_hub.py.)
+"""
 
 from __future__ import annotations
 
 import contextvars
-import errno
 import logging
 import os
 import socket
@@ -123,106 +125,6 @@ def test_thousands_of_connections_held_at_once() -> None:
         finally:
             for client in clients:
                 client.close()
-
-
-def test_green_socket_behaves_like_a_socket() -> None:
-    seen: dict[str, Any] = {}
-
-    class Handler(netserve.BaseRequestHandler):
-        def handle(self) -> None:
-            sock = self.request
-            seen["is_socket"] = isinstance(sock, socket.socket)
-            seen["is_green"] = isinstance(sock, netserve.GreenSocket)
-            seen["peer"] = sock.getpeername()
-            seen["timeout"] = sock.gettimeout()
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            seen["nodelay"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            seen["recv"] = sock.recv(5)
-            buffer = bytearray(5)
-            seen["recv_into"] = (sock.recv_into(buffer, 5), bytes(buffer))
-            sock.send(b"send;")
-            sock.sendall(b"sendall;" * 10000)  # larger than the send buffer
-            with sock.makefile("rwb") as f:
-                seen["makefile"] = f.readline()
-                f.write(b"via file\n")
-                f.flush()
-            sock.settimeout(0)
-            seen["blocking"] = sock.getblocking()
-            try:
-                sock.recv(10)
-            except BlockingIOError:
-                seen["nonblocking"] = True
-            sock.settimeout(0.05)
-            try:
-                sock.recv(10)
-            except TimeoutError:
-                seen["timeout_error"] = True
-            with pytest.raises(ValueError, match="out of range"):
-                sock.settimeout(-1)
-            sock.shutdown(socket.SHUT_WR)
-
-    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
-        with connect(serving.address) as client:
-            client.sendall(b"helloworld" + b"line\n")
-            received = recv_all(client)
-            assert seen["peer"] == client.getsockname()
-    assert received == b"send;" + b"sendall;" * 10000 + b"via file\n"
-    assert seen["is_socket"]
-    assert seen["is_green"]
-    assert seen["timeout"] is None
-    assert seen["nodelay"] == 1
-    assert seen["recv"] == b"hello"
-    assert seen["recv_into"] == (5, b"world")
-    assert seen["makefile"] == b"line\n"
-    assert seen["blocking"] is False
-    assert seen["nonblocking"]
-    assert seen["timeout_error"]
-
-
-@pytest.mark.parametrize("timeout", [None, 60.0])
-def test_closing_a_socket_wakes_its_waiter(timeout: float | None) -> None:
-    # A handler waits in recv() on its socket; another handler on the same hub
-    # closes that socket. The waiter must wake with EBADF: the closed descriptor
-    # has left epoll, so no event will ever wake it otherwise. (With a timeout
-    # the wait goes through the hub's timed wait, without one it switches to
-    # the hub directly: both must be woken.)
-    outcome: list[Any] = []
-    waiting = threading.Event()
-    woken = threading.Event()
-
-    class Handler(netserve.BaseRequestHandler):
-        def handle(self) -> None:
-            server: Any = self.server
-            if self.request.recv(100) == b"wait":
-                self.request.settimeout(timeout)
-                server.waiter = self.request
-                waiting.set()
-                try:
-                    # Its client sends nothing more: only the close can end this.
-                    outcome.append(self.request.recv(100))
-                except OSError as exc:
-                    outcome.append(exc.errno)
-                woken.set()
-            else:
-                server.waiter.close()
-                self.request.sendall(b"closed")
-
-    class Server(netserve.GreenTCPServer):
-        # If the waiter is never woken, server_close() ends it rather than
-        # waiting for it forever.
-        block_on_close = False
-
-    with Serving(Server(("127.0.0.1", 0), Handler)) as serving:
-        with connect(serving.address) as first:
-            first.sendall(b"wait")
-            assert waiting.wait(10)
-            # The hub runs one greenlet at a time: the next handler runs only
-            # once the first is suspended in its recv().
-            with connect(serving.address) as second:
-                second.sendall(b"close it")
-                assert recv_all(second) == b"closed"
-            assert woken.wait(5), "the handler waiting on the closed socket was not woken"
-    assert outcome == [errno.EBADF]
 
 
 def test_datagrams_under_the_hub(unix_path: str) -> None:
@@ -353,41 +255,6 @@ def test_missing_greenlet_names_the_extra() -> None:
     )
     assert "netserve[green]" in result.stdout
     assert "greenlet" in result.stdout
-
-
-def test_green_makefile_modes() -> None:
-    seen: dict[str, Any] = {}
-
-    class Handler(netserve.BaseRequestHandler):
-        def handle(self) -> None:
-            sock = self.request
-            with sock.makefile("rb", buffering=0) as raw:
-                seen["raw"] = raw.read(3)  # unbuffered: reads no further
-            with sock.makefile("r", encoding="ascii", newline="") as text:
-                seen["text"] = text.readline()
-            with sock.makefile("w", encoding="ascii") as out:
-                out.write("text out\n")
-            for bad in ("x", "rt", ""):
-                try:
-                    sock.makefile(bad)
-                except ValueError:
-                    seen.setdefault("refused", []).append(bad)
-            try:
-                sock.makefile("r", buffering=0)
-            except ValueError:
-                seen["unbuffered_text"] = "refused"
-
-    with Serving(netserve.GreenTCPServer(("127.0.0.1", 0), Handler)) as serving:
-        with connect(serving.address) as client:
-            client.sendall(b"abca line\r\n")
-            client.shutdown(socket.SHUT_WR)
-            assert recv_all(client) == b"text out\n"
-    assert seen == {
-        "text": "a line\r\n",
-        "raw": b"abc",
-        "refused": ["x", "rt", ""],
-        "unbuffered_text": "refused",
-    }
 
 
 def test_server_close_while_serving_leaves_nothing_watched() -> None:

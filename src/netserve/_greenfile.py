@@ -10,37 +10,32 @@ line-echo benchmark (issue 3), windows of the two versions taken in turns:
 5% more requests/s at 256 connections, 8% at 2048 (medians of 10 and 8 pairs).
 
 Reading follows the readable hint of rule 2 in ``_hub``: an untimed stream
-socket waits for the hub's edge instead of trying a read that would fail.
-Sockets with a timeout, non-blocking ones and datagram sockets read through
-``socket.SocketIO`` as the stdlib's files do (``TimeoutError``, then "cannot read
-from timed out object"; ``None`` when a non-blocking read would block).
+socket (``GreenSocket.untimed_stream``) waits for the hub's edge instead of
+trying a read that would fail, the steps of the socket's one read path
+(``_greensocket``), through the kernel's interface. Sockets with a timeout,
+non-blocking ones and datagram sockets read through ``socket.SocketIO`` as the
+stdlib's files do (``TimeoutError``, then "cannot read from timed out object";
+``None`` when a non-blocking read would block).
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import operator
 import socket
 from typing import TYPE_CHECKING, Any
-
-from greenlet import getcurrent
 
 from netserve._handlers import _SendallWriter
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from netserve._green import GreenSocket
+    from netserve._greensocket import GreenSocket
 
-__all__ = ["GreenReader", "GreenSendallWriter", "GreenSocketIO", "closed_while_waiting"]
+__all__ = ["GreenReader", "GreenSendallWriter", "GreenSocketIO"]
 
 _recv = socket.socket.recv
 _send = socket.socket.send
-
-
-def closed_while_waiting() -> OSError:
-    return OSError(errno.EBADF, "the socket was closed while waiting on it")
 
 
 # What readline() asks of recv() while lines come short: recv(n) allocates n
@@ -109,27 +104,22 @@ class GreenReader(io.BufferedIOBase):
         sock = raw._sock
         if sock is None:
             raise ValueError(f"{what} of closed file" if what else "I/O operation on closed file.")
-        if sock._green_timeout is not None or not sock._stream or raw._timeout_occurred:
+        if not sock.untimed_stream or raw._timeout_occurred:
             data: bytes | None = raw.read(size)
             return data
         while True:
-            if not sock._readable:
-                # GreenSocket._wait_readable(None), inline: every request waits here.
-                sock._reader = getcurrent()
-                try:
-                    outcome = sock._hub.greenlet.switch()  # type: ignore[union-attr]
-                finally:
-                    sock._reader = None
-                if outcome is not None:
-                    raise closed_while_waiting()
+            if not sock.hub_readable:
+                sock.hub.wait_readable(sock)
             try:
                 data = _recv(sock, size)
             except BlockingIOError:
-                sock._readable = False
+                sock.hub_readable = False
                 continue
             if len(data) < size:
                 # A short read drained the queue (unless the peer hung up).
-                sock._readable = sock._hangup
+                sock.hub_readable = sock.hub_hangup
+            else:
+                sock.hub_readable = True  # a read spends a peek's mark
             return data
 
     def _take(self, count: int) -> bytes:
@@ -346,7 +336,7 @@ class GreenSendallWriter(_SendallWriter):
         try:
             sent = _send(sock, data)
         except BlockingIOError:
-            if sock._green_timeout == 0.0:
+            if sock.gettimeout() == 0.0:
                 raise
             sent = 0
         size = len(data)

@@ -1,4 +1,9 @@
-"""The greenlet hub: one epoll loop that runs handler greenlets (issue 3, part 2).
+"""The hub kernel: an epoll loop on its own thread, timers, spawn, waits (issue 3, part 2).
+
+The layers above talk to it only through its interface (``Hub``'s public
+names, and the four ``hub_*`` attributes of a registered socket, see
+``HubSocket``): the cooperative socket (``_greensocket``), its files
+(``_greenfile``) and the server mix-in (``_green``).
 
 Theory of operation
 -------------------
@@ -30,12 +35,20 @@ list of spares for the next ``spawn()``, instead of ending. Under connection
 churn a fresh greenlet per connection cost about a tenth of the hub's time: on
 CPython 3.11 each one maps a 16 KiB frame stack of its own (mmap, page faults,
 munmap). A reused greenlet starts each task in an empty ``contextvars``
-context, as a new one would. Spares end with the hub's thread.
+context, as a new one would. Spares belong to the thread that made them and
+end with it; a thread started after it gets a list of its own.
+
+Rule 5: time is the hub's ``clock`` (``time.monotonic`` unless given): timers
+and the deadlines of waits are times on it, and the loop's epoll timeout is the
+clock's distance to the next timer, in seconds. A test may pass a clock it
+advances itself, then wake the loop (any ``call_soon_threadsafe()``) so that
+the timers now due fire.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -47,10 +60,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import greenlet
+from greenlet import getcurrent
 
 from netserve._loop import drain, poke
 
-__all__ = ["TIMEOUT", "Hub", "Timer", "current_hub"]
+__all__ = ["Hub", "HubSocket", "Timer", "Waiter", "current_hub"]
 
 log = logging.getLogger("netserve.hub")
 
@@ -62,19 +76,32 @@ _HANGUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # Registered once per socket (rule 2).
 SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
-# Passed to a waiting greenlet whose timer ran out.
-TIMEOUT = object()
+# What a waiting greenlet is switched back with, besides None (its edge came):
+# its deadline passed, or its socket was closed under it (notify_closing()).
+_TIMEOUT = object()
+_CLOSED = object()
 # Rebuild the timer heap once this many cancelled timers sit in it and they are
 # the majority: a per-read timeout cancels a timer on every read.
 _COMPACT_AFTER = 512
 
 _local = threading.local()
+_get_ident = threading.get_ident
 
 
 def current_hub() -> Hub | None:
     """The hub whose thread this is, or None."""
     hub: Hub | None = getattr(_local, "hub", None)
     return hub
+
+
+def _woken_by(outcome: object) -> BaseException:
+    """The error for a wait that did not end with its edge."""
+    if outcome is _TIMEOUT:
+        return TimeoutError("timed out")
+    if outcome is _CLOSED:
+        return OSError(errno.EBADF, "the socket was closed while waiting on it")
+    # switch() to the running greenlet itself returns (): the hub's own greenlet.
+    return RuntimeError("a cooperative socket must be used from a handler greenlet on its hub")
 
 
 class Waiter(Protocol):
@@ -85,12 +112,26 @@ class Waiter(Protocol):
 
 
 class HubSocket(Protocol):
-    """The state the loop reads and writes on a registered socket."""
+    """A registered socket as the loop sees it: the interface between the kernel
+    and the cooperative socket (and its files).
 
-    _readable: bool
-    _hangup: bool
-    _reader: Waiter | None
-    _writer: Waiter | None
+    These attributes carry no leading underscore because they are that
+    interface; handler code has no business with them.
+
+    ``hub_readable``: the readable hint of rule 2. The loop sets it to True on
+    every read edge; a reader clears it (False) after a short read and then
+    waits for the next edge. Any true value means "try the read first" (the
+    socket keeps a value of its own there for a peek, see ``_greensocket``).
+    ``hub_hangup``: set by the loop once the peer has hung up (or the
+    connection failed); from then on no edge will come.
+    ``hub_reader``, ``hub_writer``: what to switch to (with None) on the next
+    read or write edge; the loop clears the field before it switches.
+    """
+
+    hub_readable: int
+    hub_hangup: bool
+    hub_reader: Waiter | None
+    hub_writer: Waiter | None
 
 
 class Timer:
@@ -111,13 +152,31 @@ class Timer:
 
 
 class Hub:
-    """An epoll loop on its own thread, switching between handler greenlets."""
+    """An epoll loop on its own thread, switching between handler greenlets.
+
+    The interface, by use. Life cycle, from any thread: ``call_soon_threadsafe``,
+    ``run_sync``, ``close``, ``thread``, ``on_hub_thread``. On the hub's thread:
+    ``spawn``, ``schedule``, ``call_at``/``call_later`` (``Timer``), ``sleep``,
+    ``hold``/``release`` and ``active`` (what keeps the thread alive),
+    ``watch``/``unwatch`` (level-triggered callbacks: a listener); sockets:
+    ``register``, ``forget``, ``notify_closing`` (any thread), and the one wait,
+    ``wait_readable``/``wait_writable`` with a deadline on ``clock``.
+    ``greenlet`` is the loop's greenlet while the thread runs (None otherwise):
+    a waiting greenlet switches to it.
+    """
 
     def __init__(
-        self, name: str = "netserve-hub", *, daemon: bool = False, max_spares: int = 128
+        self,
+        name: str = "netserve-hub",
+        *,
+        daemon: bool = False,
+        max_spares: int = 128,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.daemon = daemon
+        # Rule 5: timers and deadlines are times on this clock, in seconds.
+        self.clock = clock
         self.sockets: dict[int, HubSocket] = {}
         self.greenlet: greenlet.greenlet | None = None
         self.active = 0  # handler greenlets alive
@@ -138,7 +197,8 @@ class Hub:
         # Reasons to keep the thread alive besides live greenlets.
         self._holds = 0
         self._closing = False
-        # Finished greenlets waiting for the next spawn() (rule 4).
+        # Finished greenlets waiting for the next spawn(): the running thread's
+        # (rule 4); each thread gets a fresh list.
         self.max_spares = max_spares
         self._spares: list[greenlet.greenlet] = []
 
@@ -149,13 +209,15 @@ class Hub:
         return self._thread
 
     def on_hub_thread(self) -> bool:
-        return self._ident == threading.get_ident()
+        return self._ident == _get_ident()
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the hub's thread, starting the thread if needed.
 
-        Raises ``OSError`` (a full descriptor table, say) if the thread has to
-        start and cannot; ``fn`` is then not queued.
+        A call is never lost: one made while the thread is ending either
+        reaches it before it decides to end (it then carries on), or finds it
+        gone and starts another. Raises ``OSError`` (a full descriptor table,
+        say) if the thread has to start and cannot; ``fn`` is then not queued.
         """
         with self._lock:
             if self._closing:
@@ -224,6 +286,7 @@ class Hub:
             thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
             self._epoll, self._wake_r, self._wake_w = epoll, wake_r, wake_w
             self._special[wake_r.fileno()] = self._run_calls
+            self._spares = []
             self._thread = thread
             thread.start()
         except BaseException:
@@ -239,14 +302,18 @@ class Hub:
         self._ident = threading.get_ident()
         _local.hub = self
         self.greenlet = greenlet.getcurrent()
+        # This thread's spares: once the loop has torn down, the next thread
+        # (started by a call meanwhile) may already fill self._spares with its own.
+        spares = self._spares
         try:
             self._loop()
         finally:
-            self._end_spares()
             _local.hub = None
-            with self._lock:
-                # After an error in the loop itself; a normal end tore down already.
-                if self._thread is threading.current_thread():
+            if self._thread is threading.current_thread():
+                # The loop itself failed: a normal end tore down already (and
+                # ended the spares first).
+                _end_spares(spares)
+                with self._lock:
                     self._teardown_locked()
 
     def _teardown_locked(self) -> None:
@@ -299,12 +366,6 @@ class Hub:
         else:
             greenlet.greenlet(_work, self.greenlet).switch(self, fn, first, second)
 
-    def _end_spares(self) -> None:
-        spares = self._spares
-        while spares:
-            # GreenletExit at the switch() in _work(): the greenlet ends.
-            spares.pop().throw()
-
     # -- scheduling on the hub's thread ------------------------------------------------
 
     def register(self, fd: int, sock: HubSocket) -> None:
@@ -314,10 +375,31 @@ class Hub:
         self.sockets[fd] = sock
 
     def forget(self, fd: int, sock: HubSocket) -> None:
+        """Stop delivering ``fd``'s events to ``sock`` (it is closing, or detached)."""
         # No EPOLL_CTL_DEL: closing the descriptor removes it from the epoll set,
         # and the system call would be one more per connection.
         if self.sockets.get(fd) is sock:
             del self.sockets[fd]
+
+    def notify_closing(self, sock: HubSocket) -> None:
+        """Wake whatever waits on ``sock``, which is closing: from any thread.
+
+        A closed descriptor has left the epoll set, so no edge would ever wake
+        its waiters: a greenlet's wait raises ``OSError(EBADF)`` instead. A
+        waiter that is not a greenlet (a parked connection's starter) is
+        dropped. Off the hub's thread this happens on the hub, soon.
+        """
+        if self.on_hub_thread():
+            self._wake_closed(sock)
+        else:
+            self.call_soon_threadsafe(lambda: self._wake_closed(sock))
+
+    def _wake_closed(self, sock: HubSocket) -> None:
+        reader, writer = sock.hub_reader, sock.hub_writer
+        sock.hub_reader = sock.hub_writer = None
+        for waiter in (reader, writer):
+            if isinstance(waiter, greenlet.greenlet):
+                self.schedule(waiter, _CLOSED)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the hub while ``fd`` is readable (level-triggered)."""
@@ -332,18 +414,26 @@ class Hub:
             self._epoll.unregister(fd)
 
     def schedule(self, waiter: Waiter, value: Any = None) -> None:
-        """Switch to ``waiter`` with ``value`` on the loop's next pass."""
+        """Switch to ``waiter`` with ``value`` on the loop's next pass (in order)."""
         self._ready.append((waiter, value))
 
-    def call_later(self, delay: float, callback: Callable[[Any], None], arg: Any) -> Timer:
+    def call_at(self, deadline: float, callback: Callable[[Any], None], arg: Any) -> Timer:
+        """Call ``callback(arg)`` on the loop once ``clock()`` reaches ``deadline``.
+
+        Timers fire in deadline order, those with the same deadline in the
+        order they were made.
+        """
         timer = Timer(self, callback, arg)
-        deadline = time.monotonic() + delay
         heapq.heappush(self._timers, (deadline, next(self._sequence), timer))
         return timer
 
+    def call_later(self, delay: float, callback: Callable[[Any], None], arg: Any) -> Timer:
+        """``call_at(clock() + delay, ...)``."""
+        return self.call_at(self.clock() + delay, callback, arg)
+
     def _fire_timers(self) -> None:
         timers = self._timers
-        now = time.monotonic()
+        now = self.clock()
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
             if timer.active:
@@ -365,7 +455,7 @@ class Hub:
             self._cancelled_timers -= 1
         if not timers:
             return -1.0
-        return max(0.0, timers[0][0] - time.monotonic())
+        return max(0.0, timers[0][0] - self.clock())
 
     def _loop(self) -> None:
         assert self._epoll is not None
@@ -384,8 +474,8 @@ class Hub:
                     scheduled.switch(value)
             if self._idle() or (self._closing and self.active == 0):
                 # Spare greenlets belong to this thread: end them before a call
-                # can start another thread that would find them (rule 4).
-                self._end_spares()
+                # can start another thread (rule 4).
+                _end_spares(self._spares)
                 with self._lock:
                     if not self._calls:
                         # Torn down under the lock, so that a call from now on
@@ -400,65 +490,103 @@ class Hub:
                         callback()
                     continue
                 if events & read_events:
-                    sock._readable = True
+                    sock.hub_readable = True
                     if events & hangup_events:
-                        sock._hangup = True
-                    waiter = sock._reader
+                        sock.hub_hangup = True
+                    waiter = sock.hub_reader
                     if waiter is not None:
-                        sock._reader = None
+                        sock.hub_reader = None
                         # Explicitly None: a bare switch() delivers ().
                         waiter.switch(None)
                 if events & write_events:
-                    waiter = sock._writer
+                    waiter = sock.hub_writer
                     if waiter is not None:
-                        sock._writer = None
+                        sock.hub_writer = None
                         waiter.switch(None)
             if self._timers:
                 self._fire_timers()
 
     # -- waiting, from a handler greenlet ------------------------------------------------
 
-    def wait(self, sock: HubSocket, *, write: bool, timeout: float | None) -> Any:
-        """Suspend the current greenlet until ``sock`` is ready or ``timeout`` passes.
+    def wait_readable(self, sock: HubSocket, deadline: float | None = None) -> None:
+        """Suspend the calling greenlet until the next read edge on ``sock``.
 
-        Returns None when ready, ``TIMEOUT`` when the time ran out, or what a
-        closer passed.
+        The kernel's one wait (with ``wait_writable``): from a handler greenlet
+        on the hub's thread, for a registered socket. ``deadline`` is a time on
+        ``clock`` (None: no limit). Returns when the edge comes; raises
+        ``TimeoutError`` once the deadline has passed, ``OSError(EBADF)`` if the
+        socket is closed meanwhile (``notify_closing``). It waits for an edge
+        even if data is queued: the caller looks at ``hub_readable`` first.
         """
-        current = greenlet.getcurrent()
+        current = getcurrent()
         hub_greenlet = self.greenlet
-        if current is hub_greenlet or hub_greenlet is None:
+        if deadline is None and hub_greenlet is not None:
+            # The common case (an untimed read, rfile's), without a timer.
+            sock.hub_reader = current
+            try:
+                outcome = hub_greenlet.switch()
+            finally:
+                sock.hub_reader = None
+        else:
+            outcome = self._wait_until(sock, False, current, deadline)
+        if outcome is not None:
+            # (From the hub's own greenlet, switch() returns (): RuntimeError.)
+            raise _woken_by(outcome)
+
+    def wait_writable(self, sock: HubSocket, deadline: float | None = None) -> None:
+        """As ``wait_readable``, for the next write edge."""
+        current = getcurrent()
+        hub_greenlet = self.greenlet
+        if deadline is None and hub_greenlet is not None:
+            sock.hub_writer = current
+            try:
+                outcome = hub_greenlet.switch()
+            finally:
+                sock.hub_writer = None
+        else:
+            outcome = self._wait_until(sock, True, current, deadline)
+        if outcome is not None:
+            raise _woken_by(outcome)
+
+    def _wait_until(
+        self, sock: HubSocket, write: bool, current: greenlet.greenlet, deadline: float | None
+    ) -> Any:
+        hub_greenlet = self.greenlet
+        if hub_greenlet is None:
             raise RuntimeError(
                 "a cooperative socket must be used from a handler greenlet on its hub"
             )
         if write:
-            sock._writer = current
+            sock.hub_writer = current
         else:
-            sock._reader = current
-        timer = None if timeout is None else self.call_later(timeout, self._expire, (sock, write))
+            sock.hub_reader = current
+        timer = None if deadline is None else self.call_at(deadline, self._expire, (sock, write))
         try:
             return hub_greenlet.switch()
         finally:
             if timer is not None:
                 timer.cancel()
             if write:
-                if sock._writer is current:
-                    sock._writer = None
-            elif sock._reader is current:
-                sock._reader = None
+                if sock.hub_writer is current:
+                    sock.hub_writer = None
+            elif sock.hub_reader is current:
+                sock.hub_reader = None
 
     @staticmethod
     def _expire(arg: tuple[HubSocket, bool]) -> None:
         sock, write = arg
-        waiter: Waiter | None = sock._writer if write else sock._reader
+        waiter: Waiter | None = sock.hub_writer if write else sock.hub_reader
         if waiter is None:
             return
         if write:
-            sock._writer = None
+            sock.hub_writer = None
         else:
-            sock._reader = None
-        waiter.switch(TIMEOUT)
+            sock.hub_reader = None
+        waiter.switch(_TIMEOUT)
 
     def sleep(self, seconds: float) -> None:
+        """Suspend the calling handler greenlet for ``seconds`` on ``clock``
+        (0 or less: until the loop's next pass, after what is ready now)."""
         current = greenlet.getcurrent()
         assert self.greenlet is not None
         assert current is not self.greenlet
@@ -469,6 +597,13 @@ class Hub:
         self.greenlet.switch()
 
 
+def _end_spares(spares: list[greenlet.greenlet]) -> None:
+    """End a thread's spare greenlets, from that thread."""
+    while spares:
+        # GreenletExit at the switch() in _work(): the greenlet ends.
+        spares.pop().throw()
+
+
 def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> None:
     """A handler greenlet's whole life: tasks from spawn(), spare in between.
 
@@ -477,6 +612,7 @@ def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> 
     back at each of its switches (measured with ``greenlet._stack_saved``: 2024
     bytes a waiting handler before, 1880 after).
     """
+    # This thread's list (rule 4): the greenlet is made on the hub's thread.
     spares = hub._spares
     current = greenlet.getcurrent()
     hub_greenlet = current.parent
