@@ -332,9 +332,15 @@ class GreenMixIn(_MixInBase):
         check_deadline(remaining)
         sock = conn.sock
         assert isinstance(sock, GreenSocket)  # every stream connection on the hub is one
-        outcome = self._green_hub.wait(sock, write=write, timeout=remaining)
-        if outcome is _CLOSED:
-            raise closed_while_waiting()
+        hub = self._green_hub
+        until = None if remaining is None else hub.clock() + remaining
+        try:
+            if write:
+                hub.wait_writable(sock, until)
+            else:
+                hub.wait_readable(sock, until)
+        except TimeoutError:
+            check_deadline(0.0)  # the stages' deadline: ConnectionTimeout
 
     def green_statistics(self) -> dict[str, int]:
         """Deprecated: use ``statistics()``, a ``ServerStatistics`` snapshot."""
