@@ -11,7 +11,9 @@ The accepting side (the serving loop, or the hub's thread) and the handling
 side (request threads, pool workers, greenlets, the forking reaper) both
 count here, so every update takes the table's lock. An uncontended lock costs
 well under a microsecond, against tens of microseconds for a connection, and
-a plain ``+=`` on an attribute is not atomic across threads.
+a plain ``+=`` on an attribute is not atomic across threads. Updates take the
+lock itself, not the condition built on it: a condition's ``with`` runs two
+Python-level calls more, on every accept and every finish.
 
 The clock is an attribute so that tests can replace it: everything in netserve
 that measures time for its policies (back-offs, deadlines) asks this clock.
@@ -72,6 +74,7 @@ class ConnectionTable:
     __slots__ = (
         "_changed",
         "_live",
+        "_lock",
         "accept_errors",
         "accepted",
         "active",
@@ -84,7 +87,9 @@ class ConnectionTable:
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # Signalled (under _lock) when the last active connection leaves.
+        self._changed = threading.Condition(self._lock)
         # Every request in progress, by identity (a datagram request is a tuple,
         # and two identical datagrams are two requests).
         self._live: dict[int, Any] = {}
@@ -102,14 +107,14 @@ class ConnectionTable:
 
     def accept(self, request: Any) -> None:
         """A connection or datagram was taken off the listener."""
-        with self._changed:
+        with self._lock:
             self.accepted += 1
             self.active += 1
             self._live[id(request)] = request
 
     def finish(self, request: Any, *, error: bool) -> None:
         """A request's handler is done (its connection is being shut down)."""
-        with self._changed:
+        with self._lock:
             self.handled += 1
             if error:
                 self.errors += 1
@@ -117,13 +122,13 @@ class ConnectionTable:
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler."""
-        with self._changed:
+        with self._lock:
             self.refused += 1
             self._leave_locked(request)
 
     def stage_failed(self, request: Any, *, timed_out: bool) -> None:
         """A connection's stages failed (or ran out of time) before its handler."""
-        with self._changed:
+        with self._lock:
             if timed_out:
                 self.timeouts += 1
             else:
@@ -132,7 +137,7 @@ class ConnectionTable:
 
     def finish_if_held(self, request: Any, *, error: bool) -> bool:
         """``finish()`` unless the request was already counted out; says which."""
-        with self._changed:
+        with self._lock:
             if id(request) not in self._live:
                 return False
             self.handled += 1
@@ -143,13 +148,13 @@ class ConnectionTable:
 
     def time_out(self, request: Any) -> None:
         """A connection without a handler was closed by a time-out."""
-        with self._changed:
+        with self._lock:
             self.timeouts += 1
             self._leave_locked(request)
 
     def drop(self, request: Any) -> None:
         """A connection without a handler was closed as the server closed."""
-        with self._changed:
+        with self._lock:
             self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
@@ -162,13 +167,13 @@ class ConnectionTable:
 
     def detach(self, request: Any) -> None:
         """The connection is now a child process's; it stays active until reaped."""
-        with self._changed:
+        with self._lock:
             self._live.pop(id(request), None)
 
     def finish_detached(self, outcome: int) -> None:
         """A child process that handled a detached connection was reaped; its
         exit status is the runner's outcome (any other status is a failure)."""
-        with self._changed:
+        with self._lock:
             if outcome == STAGE_FAILED:
                 self.stage_failures += 1
             elif outcome == TIMED_OUT:
@@ -185,24 +190,24 @@ class ConnectionTable:
 
     def shed(self) -> None:
         """A connection was accepted only to be closed (the descriptor table was full)."""
-        with self._changed:
+        with self._lock:
             self.accepted += 1
             self.refused += 1
 
     def error(self) -> None:
         """A handler's exception was reported after ``finish()`` counted the request."""
-        with self._changed:
+        with self._lock:
             self.errors += 1
 
     def accept_failed(self) -> None:
-        with self._changed:
+        with self._lock:
             self.accept_errors += 1
 
     # -- reading -------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
         """The counters, read together."""
-        with self._changed:
+        with self._lock:
             return {
                 "accepted": self.accepted,
                 "refused": self.refused,
@@ -216,7 +221,7 @@ class ConnectionTable:
 
     def live(self) -> list[socket.socket]:
         """The stream connections this process holds open now."""
-        with self._changed:
+        with self._lock:
             return [r for r in self._live.values() if isinstance(r, socket.socket)]
 
     def wait_idle(self, timeout: float | None = None) -> bool:
