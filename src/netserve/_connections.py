@@ -15,6 +15,13 @@ a plain ``+=`` on an attribute is not atomic across threads. Updates take the
 lock itself, not the condition built on it: a condition's ``with`` runs two
 Python-level calls more, on every accept and every finish.
 
+A connection is active while it is in the live set (keyed by the identity of
+the request object it was accepted as), or held by a forked child: ``active``
+is counted from them, not kept beside them, so a request counted out under
+another object than it was accepted as shows as still active instead of
+lingering unseen in the set. A model that goes on with a request as another
+object says so with ``replace()``.
+
 The clock is an attribute so that tests can replace it: everything in netserve
 that measures time for its policies (back-offs, deadlines) asks this clock.
 """
@@ -73,11 +80,11 @@ class ConnectionTable:
 
     __slots__ = (
         "_changed",
+        "_detached",
         "_live",
         "_lock",
         "accept_errors",
         "accepted",
-        "active",
         "clock",
         "errors",
         "handled",
@@ -101,7 +108,8 @@ class ConnectionTable:
         self.timeouts = 0
         self.stage_failures = 0
         self.accept_errors = 0
-        self.active = 0
+        # Connections handed to forked children, not yet reaped.
+        self._detached = 0
 
     # -- a connection's life: accept, then exactly one way out ---------------------------
 
@@ -109,7 +117,6 @@ class ConnectionTable:
         """A connection or datagram was taken off the listener."""
         with self._lock:
             self.accepted += 1
-            self.active += 1
             self._live[id(request)] = request
 
     def finish(self, request: Any, *, error: bool) -> None:
@@ -158,10 +165,16 @@ class ConnectionTable:
             self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
-        self.active -= 1
         self._live.pop(id(request), None)
-        if self.active <= 0:
+        if not self._live and not self._detached:
             self._changed.notify_all()
+
+    def replace(self, request: Any, new: Any) -> None:
+        """The model goes on with an accepted request as another object (the hub's
+        cooperative view of a socket): ``new`` is the one that will be counted out."""
+        with self._lock:
+            if self._live.pop(id(request), None) is not None:
+                self._live[id(new)] = new
 
     # -- forking: the child holds the connection, the parent counts it -----------------
 
@@ -169,6 +182,7 @@ class ConnectionTable:
         """The connection is now a child process's; it stays active until reaped."""
         with self._lock:
             self._live.pop(id(request), None)
+            self._detached += 1
 
     def finish_detached(self, outcome: int) -> None:
         """A child process that handled a detached connection was reaped; its
@@ -182,8 +196,8 @@ class ConnectionTable:
                 self.handled += 1
                 if outcome != HANDLED:
                     self.errors += 1
-            self.active -= 1
-            if self.active <= 0:
+            self._detached -= 1
+            if not self._live and not self._detached:
                 self._changed.notify_all()
 
     # -- counted apart from a connection -------------------------------------------------
@@ -204,6 +218,11 @@ class ConnectionTable:
             self.accept_errors += 1
 
     # -- reading -------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Connections accepted and not yet gone (read it under the lock)."""
+        return len(self._live) + self._detached
 
     def counters(self) -> dict[str, int]:
         """The counters, read together."""

@@ -390,7 +390,8 @@ class BaseServer:
         other BaseException propagates (the model decides what it means, and counts
         it with ``table.error()`` if it reports it).
         """
-        original = request
+        # Counted out as what it was accepted as (a stage may replace it).
+        original = request if staged is None else staged.sock
         if staged is None and self._netserve_has_stages and isinstance(request, socket.socket):
             stages = self._netserve_stages()
             if stages:
