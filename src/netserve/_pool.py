@@ -242,7 +242,10 @@ class ThreadPoolMixIn(_MixInBase):
     request_queue_size: int = socket.SOMAXCONN
     # server_close() waits for the workers to finish what was handed to them.
     block_on_close: bool = True
-    accept_batch: int = 16
+    # One connection per readiness of the listener, as the stdlib takes them: a
+    # batch larger than the queue's room parks connections that have already
+    # spoken (epoll calls for nothing) and wakes workers in a burst.
+    accept_batch: int = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Before the server's own __init__: a failed bind calls server_close().
