@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from netserve._log import RateLimitedLog, get_logger
 
@@ -145,6 +145,7 @@ class Acceptor:
     def accept(self, batch: int) -> float | None:
         """Take up to ``batch`` requests; return seconds to stop watching, or None."""
         server = self._server
+        table = server._netserve_table
         for _ in range(batch):
             try:
                 request, client_address = server.get_request()
@@ -159,28 +160,25 @@ class Acceptor:
                 return self._failed(exc)
             if self._delay:
                 self._recovered()
-            self._take(request, client_address)
+            # The stdlib's chain, here and nowhere else (no call of our own in
+            # between: this runs for every connection).
+            table.accept(request)
+            try:
+                if server.verify_request(request, client_address):
+                    server.process_request(request, client_address)
+                else:
+                    table.refuse(request)
+                    server.shutdown_request(request)
+            except Exception:
+                server.handle_error(request, client_address)
+                table.finish_if_held(request, error=True)
+                server.shutdown_request(request)
+            except BaseException:
+                # The request runner (sync) has counted and shut it down already.
+                if table.finish_if_held(request, error=True):
+                    server.shutdown_request(request)
+                raise
         return None
-
-    def _take(self, request: Any, client_address: Any) -> None:
-        server = self._server
-        table = server._netserve_table
-        table.accept(request)
-        try:
-            if server.verify_request(request, client_address):
-                server.process_request(request, client_address)
-            else:
-                table.refuse(request)
-                server.shutdown_request(request)
-        except Exception:
-            server.handle_error(request, client_address)
-            table.finish_if_held(request, error=True)
-            server.shutdown_request(request)
-        except BaseException:
-            # The request runner (sync) has counted and shut it down already.
-            if table.finish_if_held(request, error=True):
-                server.shutdown_request(request)
-            raise
 
     # -- failures ----------------------------------------------------------------------
 

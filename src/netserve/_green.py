@@ -66,6 +66,10 @@ __all__ = [
 
 log = get_logger("hub")
 
+# socket.SOCK_STREAM as a plain int: comparing with the enum member costs a
+# global and an attribute lookup, twice per accepted connection.
+_STREAM = int(socket.SOCK_STREAM)
+
 
 def green_sleep(seconds: float) -> None:
     """Sleep without stalling the hub; a plain ``time.sleep()`` anywhere else."""
@@ -234,7 +238,7 @@ class GreenMixIn(_MixInBase):
         only to take it apart again (a tenth of a hub's time under churn).
         Elsewhere (handle_request() on another thread), the usual accept().
         """
-        if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():
+        if self.socket_type != _STREAM or not self._green_hub.on_hub_thread():
             return super().get_request()
         fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
         try:
@@ -285,7 +289,7 @@ class GreenMixIn(_MixInBase):
             if not isinstance(request, socket.socket):
                 hub.spawn(self._green_run, request, client_address)
                 return
-        if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
+        if self.park_until_readable and self.socket_type == _STREAM:
             _Starter(self, request, client_address)
             return
         hub.spawn(self._green_run, request, client_address)
