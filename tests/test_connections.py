@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._connections import ConnectionTable
+from netserve._connections import HANDLED, ConnectionTable
 from netserve._log import RateLimitedLog
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
@@ -150,8 +150,9 @@ def test_table_counts_from_many_threads_without_losing_any() -> None:
 
     def work() -> None:
         for _ in range(rounds):
-            table.accept(None)
-            table.finish(None, error=False)
+            request = object()
+            table.accept(request)
+            table.finish(request, error=False)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
@@ -164,6 +165,35 @@ def test_table_counts_from_many_threads_without_losing_any() -> None:
         4 * rounds,
         0,
     )
+
+
+def test_table_counts_accepted_as_every_exit_plus_the_active() -> None:
+    table = ConnectionTable()
+    handled, refused, timed_out, stage_failed, dropped, child = (object() for _ in range(6))
+    for request in (handled, refused, timed_out, stage_failed, dropped, child):
+        table.accept(request)
+    table.finish(handled, error=False)
+    table.refuse(refused)
+    table.time_out(timed_out)
+    table.stage_failed(stage_failed, timed_out=False)
+    table.drop(dropped)
+    table.shed()
+    table.detach(child)
+    assert not table.wait_idle(0)  # the child still holds its connection
+    assert table.counters() == {
+        "accepted": 7,  # the shed one was accepted too
+        "refused": 2,
+        "handled": 1,
+        "errors": 0,
+        "timeouts": 1,
+        "stage_failures": 1,
+        "accept_errors": 0,
+        "active": 1,
+    }
+    table.finish_detached(HANDLED)
+    assert table.wait_idle(0)
+    counters = table.counters()
+    assert (counters["accepted"], counters["handled"], counters["active"]) == (7, 2, 0)
 
 
 def test_rate_limited_log_reports_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:

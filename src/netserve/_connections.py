@@ -9,18 +9,21 @@ Theory of operation
 -------------------
 The accepting side (the serving loop, or the hub's thread) and the handling
 side (request threads, pool workers, greenlets, the forking reaper) both
-count here, so every update takes the table's lock. An uncontended lock costs
-well under a microsecond, against tens of microseconds for a connection, and
-a plain ``+=`` on an attribute is not atomic across threads. Updates take the
-lock itself, not the condition built on it: a condition's ``with`` runs two
-Python-level calls more, on every accept and every finish.
+count here. A connection is *active* while it is in the live set (keyed by
+the identity of the request object it was accepted as) or held by a forked
+child, and it leaves through exactly one exit, each counted: handled,
+refused, timed out, failed in a stage, or dropped as the server closed. So
+neither ``active`` nor ``accepted`` is kept: they are counted from the set and
+the exits (``accepted`` is the exits plus the active). That makes an accept a
+single insert into the set, atomic on its own: the accept path, which runs
+for every connection, takes no lock. Every exit takes the table's lock (a
+plain ``+=`` on an attribute is not atomic across threads, and several
+handling threads count at once): the lock itself, not the condition built on
+it, whose ``with`` runs two Python-level calls more.
 
-A connection is active while it is in the live set (keyed by the identity of
-the request object it was accepted as), or held by a forked child: ``active``
-is counted from them, not kept beside them, so a request counted out under
-another object than it was accepted as shows as still active instead of
-lingering unseen in the set. A model that goes on with a request as another
-object says so with ``replace()``.
+A request counted out under another object than it was accepted as would
+stay in the set, and so show as active; a model that goes on with a request
+as another object says so with ``replace()``.
 
 The clock is an attribute so that tests can replace it: everything in netserve
 that measures time for its policies (back-offs, deadlines) asks this clock.
@@ -81,10 +84,10 @@ class ConnectionTable:
     __slots__ = (
         "_changed",
         "_detached",
+        "_dropped",
         "_live",
         "_lock",
         "accept_errors",
-        "accepted",
         "clock",
         "errors",
         "handled",
@@ -101,7 +104,6 @@ class ConnectionTable:
         # and two identical datagrams are two requests).
         self._live: dict[int, Any] = {}
         self.clock = clock
-        self.accepted = 0
         self.refused = 0
         self.handled = 0
         self.errors = 0
@@ -110,14 +112,15 @@ class ConnectionTable:
         self.accept_errors = 0
         # Connections handed to forked children, not yet reaped.
         self._detached = 0
+        # Connections closed without a handler as the server closed.
+        self._dropped = 0
 
     # -- a connection's life: accept, then exactly one way out ---------------------------
 
     def accept(self, request: Any) -> None:
         """A connection or datagram was taken off the listener."""
-        with self._lock:
-            self.accepted += 1
-            self._live[id(request)] = request
+        # One insert, atomic on its own: no lock (see the theory above).
+        self._live[id(request)] = request
 
     def finish(self, request: Any, *, error: bool) -> None:
         """A request's handler is done (its connection is being shut down)."""
@@ -162,6 +165,7 @@ class ConnectionTable:
     def drop(self, request: Any) -> None:
         """A connection without a handler was closed as the server closed."""
         with self._lock:
+            self._dropped += 1
             self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
@@ -205,7 +209,6 @@ class ConnectionTable:
     def shed(self) -> None:
         """A connection was accepted only to be closed (the descriptor table was full)."""
         with self._lock:
-            self.accepted += 1
             self.refused += 1
 
     def error(self) -> None:
@@ -224,6 +227,12 @@ class ConnectionTable:
         """Connections accepted and not yet gone (read it under the lock)."""
         return len(self._live) + self._detached
 
+    @property
+    def accepted(self) -> int:
+        """Connections and datagrams taken off the listener (read it under the lock)."""
+        ended = self.handled + self.refused + self.timeouts + self.stage_failures
+        return ended + self._dropped + self.active
+
     def counters(self) -> dict[str, int]:
         """The counters, read together."""
         with self._lock:
@@ -241,7 +250,9 @@ class ConnectionTable:
     def live(self) -> list[socket.socket]:
         """The stream connections this process holds open now."""
         with self._lock:
-            return [r for r in self._live.values() if isinstance(r, socket.socket)]
+            # Copied in one call: an accept may add to the set meanwhile.
+            requests = list(self._live.values())
+        return [r for r in requests if isinstance(r, socket.socket)]
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no connection is active; False if ``timeout`` passed first."""
