@@ -128,7 +128,10 @@ class ConnectionTable:
             self.handled += 1
             if error:
                 self.errors += 1
-            self._leave_locked(request)
+            # _leave_locked(), without the call: this runs for every request.
+            self._live.pop(id(request), None)
+            if not self._live and not self._detached:
+                self._changed.notify_all()
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler."""

@@ -246,7 +246,7 @@ class GreenMixIn(_MixInBase):
                 self._green_hub,
                 fileno=fd,
                 family=self.address_family,
-                kind=socket.SOCK_STREAM,
+                kind=_STREAM,
                 timeout=socket.getdefaulttimeout(),
             )
         except BaseException:
@@ -257,21 +257,10 @@ class GreenMixIn(_MixInBase):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the request's greenlet on the hub (from any thread)."""
         hub = self._green_hub
-        if hub.on_hub_thread():
-            self._green_start(request, client_address)
-        else:
+        if not hub.on_hub_thread():
             # handle_request() on another thread: the hub takes it from here.
             hub.call_soon_threadsafe(lambda: self._green_start_guarded(request, client_address))
-
-    def _green_start_guarded(self, request: Any, client_address: Any) -> None:
-        try:
-            self._green_start(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
-
-    def _green_start(self, request: Any, client_address: Any) -> None:
-        hub = self._green_hub
+            return
         # Counted once here, uncounted when its greenlet ends or it is unparked:
         # the hub's thread lives while this is above zero.
         hub.active += 1
@@ -293,6 +282,15 @@ class GreenMixIn(_MixInBase):
             _Starter(self, request, client_address)
             return
         hub.spawn(self._green_run, request, client_address)
+
+    def _green_start_guarded(self, request: Any, client_address: Any) -> None:
+        # On the hub now: this class's process_request() starts it (an override
+        # in a subclass has already run, on the thread that accepted).
+        try:
+            GreenMixIn.process_request(self, request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
 
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
