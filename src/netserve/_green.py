@@ -231,7 +231,7 @@ class GreenMixIn(_MixInBase):
         """Accept a connection; on the hub, straight into a GreenSocket.
 
         Taking the descriptor from the listener saves building a plain socket
-        only to take it apart again (a tenth of a hub's time under churn).
+        only to take it apart again.
         Elsewhere (handle_request() on another thread), the usual accept().
         """
         if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():

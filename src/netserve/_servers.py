@@ -477,7 +477,7 @@ class BaseServer:
         # What calling the class does, in two steps that stay inside the
         # interpreter: a call through type() nests a C frame under the whole
         # request, and the greenlet hub copies a handler's C stack out and back
-        # at every wait (a quarter less to copy; measured with gdb).
+        # at every wait.
         handler: Any = object.__new__(handler_class)
         result = handler.__init__(request, client_address, self)
         if result is not None:
