@@ -6,11 +6,19 @@ The public contract is the stdlib's chain of hooks, and user code overrides any
 link of it, so every step below goes through ``self.<hook>``:
 
     handle_request / serve_forever
-      -> get_request -> verify_request -> process_request
-           -> finish_request (RequestHandlerClass(request, address, server))
-           -> shutdown_request -> close_request
+      -> get_request -> verify_request -> process_request    (_accept: the one
+                                                             accept routine)
+           -> the stages, then finish_request (RequestHandlerClass(...))
+           -> shutdown_request -> close_request              (the one runner,
+                                                 _netserve_run_request)
       errors: Exception -> handle_error, then shutdown_request;
               any other BaseException -> shutdown_request, then re-raised
+
+Each concurrency mix-in changes only where ``process_request`` sends the
+request: the runner then runs on a thread, in a child, on a pool worker or in
+a greenlet (docs/architecture.md). The connection table (``_connections``)
+counts every request for ``statistics()`` and knows which are still open, for
+``close()``, ``wait_closed()`` and ``abort_connections()``.
 
 Where netserve differs on purpose (each listed in the README):
 
