@@ -110,10 +110,7 @@ class ConnectionTable:
     def finish(self, request: Any, *, error: bool) -> None:
         """A request's handler is done (its connection is being shut down)."""
         with self._changed:
-            self.handled += 1
-            if error:
-                self.errors += 1
-            self._leave_locked(request)
+            self._finish_locked(request, error)
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler."""
@@ -135,10 +132,7 @@ class ConnectionTable:
         with self._changed:
             if id(request) not in self._live:
                 return False
-            self.handled += 1
-            if error:
-                self.errors += 1
-            self._leave_locked(request)
+            self._finish_locked(request, error)
             return True
 
     def time_out(self, request: Any) -> None:
@@ -151,6 +145,12 @@ class ConnectionTable:
         """A connection without a handler was closed as the server closed."""
         with self._changed:
             self._leave_locked(request)
+
+    def _finish_locked(self, request: Any, error: bool) -> None:
+        self.handled += 1
+        if error:
+            self.errors += 1
+        self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
         self.active -= 1
@@ -171,15 +171,12 @@ class ConnectionTable:
         with self._changed:
             if outcome == STAGE_FAILED:
                 self.stage_failures += 1
+                self._leave_locked(None)
             elif outcome == TIMED_OUT:
                 self.timeouts += 1
+                self._leave_locked(None)
             else:
-                self.handled += 1
-                if outcome != HANDLED:
-                    self.errors += 1
-            self.active -= 1
-            if self.active <= 0:
-                self._changed.notify_all()
+                self._finish_locked(None, outcome != HANDLED)
 
     # -- counted apart from a connection -------------------------------------------------
 

@@ -24,6 +24,11 @@ was taken stays parked, its bytes in the kernel, rather than waiting in a list
 of ours (issue 10: 1,000 such connections once queued 1,276 requests behind a
 queue of 8). Workers wake the loop when they free a slot it is waiting for.
 
+A connection with stages (``_stages``: a PROXY header, a TLS handshake) is
+parked through them: each time its socket is ready the loop advances them
+without blocking, and only once they are done does the connection go to the
+queue, so stalled handshakes hold no worker.
+
 Parking assumes the client speaks first. For protocols where the server speaks
 first (SMTP, FTP banners), set ``park_until_readable = False``.
 
