@@ -42,8 +42,9 @@ class ServerStatistics:
 
     #: Connections (or datagrams) taken off the listener, refused ones included.
     accepted: int = 0
-    #: Of those, closed without a handler: ``verify_request()`` said no, or the
-    #: server shed them while its descriptor table was full.
+    #: Of those, closed without a handler: ``verify_request()`` said no, the
+    #: server shed them while its descriptor table was full, or it closed them
+    #: as it closed (parked, or still queued at ``abort_connections()``).
     refused: int = 0
     #: Requests whose handler finished, with or without an error.
     handled: int = 0
@@ -113,7 +114,8 @@ class ConnectionTable:
             self._finish_locked(request, error)
 
     def refuse(self, request: Any) -> None:
-        """An accepted connection was closed without a handler."""
+        """An accepted connection was closed without a handler (refused by
+        ``verify_request()``, or closed as the server closed or aborted)."""
         with self._changed:
             self.refused += 1
             self._leave_locked(request)
@@ -139,11 +141,6 @@ class ConnectionTable:
         """A connection without a handler was closed by a time-out."""
         with self._changed:
             self.timeouts += 1
-            self._leave_locked(request)
-
-    def drop(self, request: Any) -> None:
-        """A connection without a handler was closed as the server closed."""
-        with self._changed:
             self._leave_locked(request)
 
     def _finish_locked(self, request: Any, error: bool) -> None:

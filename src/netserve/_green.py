@@ -373,7 +373,7 @@ class GreenMixIn(_MixInBase):
 
     def _green_close_parked_on_hub(self) -> None:
         for sock in list(self._green_parked):
-            self._netserve_table.drop(sock)
+            self._netserve_table.refuse(sock)
             self._green_unpark(sock)
 
     def abort_connections(self) -> None:

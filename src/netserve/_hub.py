@@ -589,11 +589,13 @@ class Hub:
         current = greenlet.getcurrent()
         assert self.greenlet is not None
         assert current is not self.greenlet
-        if seconds <= 0:
-            self.schedule(current)
-        else:
-            self.call_later(seconds, current.switch, None)
-        self.greenlet.switch()
+        # A timer even for 0 (it fires on the next pass), so that a greenlet
+        # ended while it sleeps (GreenletExit) leaves no wake-up behind.
+        timer = self.call_at(self.clock() + max(0.0, seconds), current.switch, None)
+        try:
+            self.greenlet.switch()
+        finally:
+            timer.cancel()
 
 
 def _end_spares(spares: list[greenlet.greenlet]) -> None:
@@ -620,4 +622,9 @@ def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> 
         if len(spares) >= hub.max_spares or hub._closing:
             return
         spares.append(current)
-        fn, first, second = hub_greenlet.switch()
+        task = hub_greenlet.switch()
+        # Only spawn() passes a task. A wake-up meant for the task that just
+        # ended (queued before it was ended from outside) is not one: wait on.
+        while type(task) is not tuple:
+            task = hub_greenlet.switch()
+        fn, first, second = task

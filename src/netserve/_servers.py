@@ -399,11 +399,7 @@ class BaseServer:
                 except (StageError, OSError) as exc:  # ConnectionTimeout is an OSError
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
-                    # A bug in a stage is the server's, as one in a handler is.
-                    self.handle_error(staged.request, staged.client_address)
-                    self._netserve_table.finish(original, error=True)
-                    self._netserve_close_staged(staged)
-                    return FAILED
+                    return self._netserve_stage_bug(staged)
         if staged is not None:
             request, client_address = staged.request, staged.client_address
         error = False
@@ -449,6 +445,16 @@ class BaseServer:
         )
         self._netserve_close_staged(conn)
         return TIMED_OUT if timed_out else STAGE_FAILED
+
+    def _netserve_stage_bug(self, conn: Connection) -> int:
+        """A stage raised something other than a failure: a bug in the server,
+        reported through ``handle_error()`` as a handler's would be."""
+        self.handle_error(conn.request, conn.client_address)
+        table = self._netserve_table
+        table.stage_failed(conn.sock, timed_out=False)
+        table.error()
+        self._netserve_close_staged(conn)
+        return STAGE_FAILED
 
     def _netserve_close_staged(self, conn: Connection) -> None:
         self.shutdown_request(conn.request)
