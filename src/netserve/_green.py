@@ -171,7 +171,15 @@ class GreenMixIn(_MixInBase):
                     drain(waker)
                     self.service_actions()
             finally:
-                hub.run_sync(self._green_stop_accepting)
+                try:
+                    hub.run_sync(self._green_stop_accepting)
+                except RuntimeError:
+                    # server_close() closed the hub under this loop (before any
+                    # shutdown()): its thread is gone, and its watches with it.
+                    self._netserve_acceptor().close()
+                if self._netserve_close_pending:
+                    self._netserve_close_pending = False
+                    self._netserve_close_parked()
         finally:
             stop.leave_loop(waker)
 
@@ -264,6 +272,7 @@ class GreenMixIn(_MixInBase):
             self._green_start(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
+            self._netserve_table.finish_if_held(request, error=True)
             self.shutdown_request(request)
 
     def _green_start(self, request: Any, client_address: Any) -> None:
@@ -271,21 +280,25 @@ class GreenMixIn(_MixInBase):
         # Counted once here, uncounted when its greenlet ends or it is unparked:
         # the hub's thread lives while this is above zero.
         hub.active += 1
-        # What get_request() gives on the hub: a GreenSocket (checked first,
-        # with no call, as this runs for every connection).
-        if type(request) is not GreenSocket:
-            if isinstance(request, socket.socket):
-                if not isinstance(request, GreenSocket):
-                    request = GreenSocket(hub, request)
-            else:
-                if isinstance(request, tuple) and request[1] is self.socket:
-                    request = (request[0], self._green_datagram_socket())
-                hub.spawn(self._green_run, request, client_address)
+        try:
+            # What get_request() gives on the hub: a GreenSocket (checked first,
+            # with no call, as this runs for every connection).
+            if type(request) is not GreenSocket:
+                if isinstance(request, socket.socket):
+                    if not isinstance(request, GreenSocket):
+                        request = GreenSocket(hub, request)
+                else:
+                    if isinstance(request, tuple) and request[1] is self.socket:
+                        request = (request[0], self._green_datagram_socket())
+                    hub.spawn(self._green_run, request, client_address)
+                    return
+            if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
+                _Starter(self, request, client_address)
                 return
-        if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
-            _Starter(self, request, client_address)
-            return
-        hub.spawn(self._green_run, request, client_address)
+            hub.spawn(self._green_run, request, client_address)
+        except BaseException:
+            hub.active -= 1  # no greenlet will uncount it
+            raise
 
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:

@@ -116,6 +116,7 @@ class BaseServer:
         self._netserve_stop = StopControl()
         self._netserve_table = ConnectionTable()
         self._netserve_watching = False
+        self._netserve_close_pending = False
 
     # -- hooks a concrete server supplies -------------------------------------------
 
@@ -174,6 +175,9 @@ class BaseServer:
                         selector.unregister(self)
                         self._netserve_watching = False
                     self._netserve_loop_stopped(selector)
+                    if self._netserve_close_pending:
+                        self._netserve_close_pending = False
+                        self._netserve_close_parked()
         finally:
             stop.leave_loop(waker)
 
@@ -301,9 +305,15 @@ class BaseServer:
         # model), which may take any time: that loop is not waited for, and
         # leaves after the handler.
         inline = self._netserve_handles_inline
-        self._netserve_stop.request_stop(wait=not inline and not self._netserve_serving_here())
+        wait = not inline and not self._netserve_serving_here()
+        stopped = self._netserve_stop.request_stop(wait=wait)
         self._netserve_close_listener()
-        self._netserve_close_parked()
+        if stopped:
+            self._netserve_close_parked()
+        else:
+            # Called on the loop's own thread (a handler, a signal handler) or
+            # not waited for: the loop closes them as it leaves.
+            self._netserve_close_pending = True
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every accepted connection is gone (``timeout`` seconds at most).
@@ -317,9 +327,12 @@ class BaseServer:
 
         Threads, pool workers and the sync model: each connection is shut down
         for both directions, so that a handler blocked on it returns (a read
-        sees the end of the stream, a write fails). The hub ends its handlers'
-        greenlets with ``GreenletExit``; the forking model signals its children
-        (SIGTERM, then SIGKILL). ``finally`` blocks and ``finish()`` still run.
+        sees the end of the stream, a write fails), and its ``finally`` blocks
+        and ``finish()`` run. The hub ends its handlers' greenlets with
+        ``GreenletExit`` (``finally`` and ``finish()`` run too). The forking
+        model sends its children SIGTERM, which ends a child at once unless it
+        handles the signal, then SIGKILL to those still running
+        ``abort_grace`` later (so this call takes up to that long there).
         Follow it with ``wait_closed()``.
         """
         for sock in self._netserve_table.live():
