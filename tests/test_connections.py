@@ -82,6 +82,32 @@ def test_datagrams_are_requests(model: str) -> None:
     assert (stats.accepted, stats.handled, stats.errors, stats.active) == (3, 3, 0, 0)
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_handle_request_without_a_loop_leaves_nothing_active(model: str) -> None:
+    # The hub takes such requests on from another thread, as other objects (a
+    # GreenSocket, a cooperative view of the datagram socket): they must still
+    # be counted out.
+    stream = MODELS[model].tcp(("127.0.0.1", 0), Upper)
+    datagram = MODELS[model].udp(("127.0.0.1", 0), DatagramUpper)
+    try:
+        with connect(stream.server_address) as client:
+            client.sendall(b"one\n")
+            stream.handle_request()
+            assert recv_all(client) == b"ONE\n"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"two", datagram.server_address)
+            datagram.handle_request()
+            assert client.recv(100) == b"TWO"
+    finally:
+        stream.server_close()
+        datagram.server_close()
+    for server in (stream, datagram):
+        assert server.wait_closed(5), f"{type(server).__name__}: still active"
+        stats = server.statistics()
+        assert (stats.accepted, stats.handled, stats.active) == (1, 1, 0)
+
+
 def test_statistics_say_whether_the_loop_accepts() -> None:
     server = netserve.ThreadingTCPServer(("127.0.0.1", 0), Upper)
     try:

@@ -11,7 +11,16 @@ The accepting side (the serving loop, or the hub's thread) and the handling
 side (request threads, pool workers, greenlets, the forking reaper) both
 count here, so every update takes the table's lock. An uncontended lock costs
 well under a microsecond, against tens of microseconds for a connection, and
-a plain ``+=`` on an attribute is not atomic across threads.
+a plain ``+=`` on an attribute is not atomic across threads. Updates take the
+lock itself, not the condition built on it: a condition's ``with`` runs two
+Python-level calls more, on every accept and every finish.
+
+A connection is active while it is in the live set (keyed by the identity of
+the request object it was accepted as), or held by a forked child: ``active``
+is counted from them, not kept beside them, so a request counted out under
+another object than it was accepted as shows as still active instead of
+lingering unseen in the set. A model that goes on with a request as another
+object says so with ``replace()``.
 
 The clock is an attribute so that tests can replace it: everything in netserve
 that measures time for its policies (back-offs, deadlines) asks this clock.
@@ -72,10 +81,11 @@ class ConnectionTable:
 
     __slots__ = (
         "_changed",
+        "_detached",
         "_live",
+        "_lock",
         "accept_errors",
         "accepted",
-        "active",
         "clock",
         "errors",
         "handled",
@@ -85,7 +95,9 @@ class ConnectionTable:
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # Signalled (under _lock) when the last active connection leaves.
+        self._changed = threading.Condition(self._lock)
         # Every request in progress, by identity (a datagram request is a tuple,
         # and two identical datagrams are two requests).
         self._live: dict[int, Any] = {}
@@ -97,32 +109,32 @@ class ConnectionTable:
         self.timeouts = 0
         self.stage_failures = 0
         self.accept_errors = 0
-        self.active = 0
+        # Connections handed to forked children, not yet reaped.
+        self._detached = 0
 
     # -- a connection's life: accept, then exactly one way out ---------------------------
 
     def accept(self, request: Any) -> None:
         """A connection or datagram was taken off the listener."""
-        with self._changed:
+        with self._lock:
             self.accepted += 1
-            self.active += 1
             self._live[id(request)] = request
 
     def finish(self, request: Any, *, error: bool) -> None:
         """A request's handler is done (its connection is being shut down)."""
-        with self._changed:
+        with self._lock:
             self._finish_locked(request, error)
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler (refused by
         ``verify_request()``, or closed as the server closed or aborted)."""
-        with self._changed:
+        with self._lock:
             self.refused += 1
             self._leave_locked(request)
 
     def stage_failed(self, request: Any, *, timed_out: bool) -> None:
         """A connection's stages failed (or ran out of time) before its handler."""
-        with self._changed:
+        with self._lock:
             if timed_out:
                 self.timeouts += 1
             else:
@@ -131,7 +143,7 @@ class ConnectionTable:
 
     def finish_if_held(self, request: Any, *, error: bool) -> bool:
         """``finish()`` unless the request was already counted out; says which."""
-        with self._changed:
+        with self._lock:
             if id(request) not in self._live:
                 return False
             self._finish_locked(request, error)
@@ -139,7 +151,7 @@ class ConnectionTable:
 
     def time_out(self, request: Any) -> None:
         """A connection without a handler was closed by a time-out."""
-        with self._changed:
+        with self._lock:
             self.timeouts += 1
             self._leave_locked(request)
 
@@ -150,53 +162,68 @@ class ConnectionTable:
         self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
-        self.active -= 1
         self._live.pop(id(request), None)
-        if self.active <= 0:
+        if not self._live and not self._detached:
             self._changed.notify_all()
+
+    def replace(self, request: Any, new: Any) -> None:
+        """The model goes on with an accepted request as another object (the hub's
+        cooperative view of a socket): ``new`` is the one that will be counted out."""
+        with self._lock:
+            if self._live.pop(id(request), None) is not None:
+                self._live[id(new)] = new
 
     # -- forking: the child holds the connection, the parent counts it -----------------
 
     def detach(self, request: Any) -> None:
         """The connection is now a child process's; it stays active until reaped."""
-        with self._changed:
+        with self._lock:
             self._live.pop(id(request), None)
+            self._detached += 1
 
     def finish_detached(self, outcome: int) -> None:
         """A child process that handled a detached connection was reaped; its
         exit status is the runner's outcome (any other status is a failure)."""
-        with self._changed:
+        with self._lock:
             if outcome == STAGE_FAILED:
                 self.stage_failures += 1
-                self._leave_locked(None)
             elif outcome == TIMED_OUT:
                 self.timeouts += 1
-                self._leave_locked(None)
             else:
-                self._finish_locked(None, outcome != HANDLED)
+                self.handled += 1
+                if outcome != HANDLED:
+                    self.errors += 1
+            self._detached -= 1
+            if not self._live and not self._detached:
+                self._changed.notify_all()
 
     # -- counted apart from a connection -------------------------------------------------
 
     def shed(self) -> None:
         """A connection was accepted only to be closed (the descriptor table was full)."""
-        with self._changed:
+        with self._lock:
             self.accepted += 1
             self.refused += 1
 
     def error(self) -> None:
         """A handler's exception was reported after ``finish()`` counted the request."""
-        with self._changed:
+        with self._lock:
             self.errors += 1
 
     def accept_failed(self) -> None:
-        with self._changed:
+        with self._lock:
             self.accept_errors += 1
 
     # -- reading -------------------------------------------------------------------------
 
+    @property
+    def active(self) -> int:
+        """Connections accepted and not yet gone (read it under the lock)."""
+        return len(self._live) + self._detached
+
     def counters(self) -> dict[str, int]:
         """The counters, read together."""
-        with self._changed:
+        with self._lock:
             return {
                 "accepted": self.accepted,
                 "refused": self.refused,
@@ -210,7 +237,7 @@ class ConnectionTable:
 
     def live(self) -> list[socket.socket]:
         """The stream connections this process holds open now."""
-        with self._changed:
+        with self._lock:
             return [r for r in self._live.values() if isinstance(r, socket.socket)]
 
     def wait_idle(self, timeout: float | None = None) -> bool:

@@ -284,12 +284,15 @@ class GreenMixIn(_MixInBase):
             # What get_request() gives on the hub: a GreenSocket (checked first,
             # with no call, as this runs for every connection).
             if type(request) is not GreenSocket:
+                accepted = request
                 if isinstance(request, socket.socket):
                     if not isinstance(request, GreenSocket):
                         request = GreenSocket(hub, request)
-                else:
-                    if isinstance(request, tuple) and request[1] is self.socket:
-                        request = (request[0], self._green_datagram_socket())
+                elif isinstance(request, tuple) and request[1] is self.socket:
+                    request = (request[0], self._green_datagram_socket())
+                if request is not accepted:
+                    self._netserve_table.replace(accepted, request)
+                if not isinstance(request, socket.socket):
                     hub.spawn(self._green_run, request, client_address)
                     return
             if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:

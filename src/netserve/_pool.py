@@ -306,7 +306,9 @@ class ThreadPoolMixIn(_MixInBase):
             # runs the stages, if any).
             pool.put((request, client_address, None))
             return
-        stages = self._netserve_stages() if _is_stream(request) else []
+        stages = (
+            self._netserve_stages() if self._netserve_has_stages and _is_stream(request) else []
+        )
         if stages or (self.park_until_readable and _is_stream(request) and not _has_input(request)):
             self._netserve_park(request, client_address, stages)
         elif not pool.offer((request, client_address, None)):

@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from netserve._accept import Acceptor
 from netserve._connections import (
@@ -109,6 +109,15 @@ class BaseServer:
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
+    # Whether this class overrides _netserve_stages(): worked out once per class,
+    # so that a server without stages asks for none on every connection.
+    _netserve_has_stages: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        has_stages = cls._netserve_stages is not BaseServer._netserve_stages
+        if has_stages != cls._netserve_has_stages:  # set only where it changes
+            cls._netserve_has_stages = has_stages
 
     def __init__(self, server_address: _Address, RequestHandlerClass: _HandlerFactory) -> None:
         self.server_address = server_address
@@ -402,8 +411,9 @@ class BaseServer:
         other BaseException propagates (the model decides what it means, and counts
         it with ``table.error()`` if it reports it).
         """
-        original = request
-        if staged is None and isinstance(request, socket.socket):
+        # Counted out as what it was accepted as (a stage may replace it).
+        original = request if staged is None else staged.sock
+        if staged is None and self._netserve_has_stages and isinstance(request, socket.socket):
             stages = self._netserve_stages()
             if stages:
                 staged = Connection(request, client_address, self._netserve_stage_deadline())
@@ -432,7 +442,7 @@ class BaseServer:
 
     def _netserve_stages(self) -> list[Stage]:
         """Fresh stages for one new stream connection, in order; a mix-in adds its
-        own to what ``super()`` returns."""
+        own to what ``super()`` returns. Called only in classes that override it."""
         return []
 
     def _netserve_stage_deadline(self) -> float | None:
