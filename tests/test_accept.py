@@ -503,3 +503,36 @@ def test_handle_request_logs_an_accept_error_and_returns(
     assert server.timeouts == 0, "handle_request() timed out: the listener was readable"
     assert server.calls == 1
     check_logged_once(accept_records(caplog), code)
+
+
+# -- 4. the listener while a loop serves ----------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_listener_is_non_blocking_only_while_serving(model: str) -> None:
+    # verify_request() runs in the accept routine, on the loop's (or the hub's)
+    # thread, in the parent process under every model.
+    seen: list[float | None] = []
+
+    class Looking(MODELS[model].tcp):  # type: ignore[misc, valid-type]
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            seen.append(self.socket.gettimeout())
+            return True
+
+    server = Looking(("127.0.0.1", 0), Echo)
+    server.socket.settimeout(7.0)  # what the loop must give back
+    with server:
+        with Serving(server, close=False) as serving, connect(serving.address) as client:
+            client.sendall(b"x\n")
+            assert recv_line(client, time.monotonic() + PROMPT_S) == b"x\n"
+        assert seen == [0.0]
+        assert server.socket.gettimeout() == 7.0
+
+
+def test_udp_get_request_never_blocks() -> None:
+    # A datagram another process sharing the socket took first leaves the
+    # socket readable for nothing: get_request() must not wait for the next.
+    with netserve.UDPServer(("127.0.0.1", 0), netserve.DatagramRequestHandler) as server:
+        assert server.socket.gettimeout() is None  # a blocking socket, as the stdlib's
+        with pytest.raises(BlockingIOError):
+            server.get_request()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import connect, recv_all
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -99,3 +102,78 @@ def test_pool_echo_example() -> None:
     # The silent connections closed before shutdown are handled (they see
     # EOF) or, if still parked when the server closes, closed with it.
     assert re.fullmatch(r"Handled: (1[01]|[1-9])", lines[2]), lines[2]
+
+
+@pytest.mark.parametrize("model", ["threading", "forking", "pool", "hub"])
+def test_graceful_stop_example(model: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "graceful_stop.py"), model],
+        env=_env(PORT="0", GRACE="0.5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        match = re.fullmatch(r"Listening on port (\d+)\n", banner)
+        assert match, banner
+        address = ("127.0.0.1", int(match[1]))
+        with connect(address) as done:
+            done.sendall(b"hello\n")
+            done.shutdown(socket.SHUT_WR)
+            assert recv_all(done) == b"HELLO\n"
+        with connect(address) as idle:
+            idle.sendall(b"one\n")
+            assert idle.recv(100) == b"ONE\n"
+            # The client stays connected and silent: only the abort ends it.
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            assert recv_all(idle) == b""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "Stopped accepting; waiting up to 0.5 s",
+        "Aborting 1 connection(s) still open",
+    ], out + err
+    stats = dict(re.findall(r"(\w+)=(\w+)", lines[2]))
+    # A forked child ended by the abort exits with a failure status: an error.
+    errors = "1" if model == "forking" else "0"
+    assert stats | {"errors": errors} == stats, lines[2]
+    assert (stats["accepted"], stats["handled"], stats["active"], stats["parked"]) == (
+        "2",
+        "2",
+        "0",
+        "0",
+    )
+    assert (stats["refused"], stats["accepting"]) == ("0", "False")
+
+
+def test_logging_setup_example() -> None:
+    lines = run_example("logging_setup.py").splitlines()
+    assert lines[:2] == ["Received: b'HELLO\\n'", "myapp ERROR request from 127.0.0.1 failed"]
+    assert lines[2] == "Traceback (most recent call last):"
+    # The traceback of the handler's ValueError, then the pool's warning.
+    assert lines[-3:] == [
+        "ValueError: asked to fail",
+        "netserve.pool WARNING a handler raised SystemExit; reported through "
+        "threading.excepthook, serving goes on",
+        "Handled: 3, errors: 2",
+    ]
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/lifecycle.md"])
+def test_code_shown_in_the_docs_is_an_example(page: str) -> None:
+    # Every Python block of the page is a verbatim part of an example file,
+    # so the tests above run it.
+    text = (EXAMPLES.parent / page).read_text()
+    sources = [path.read_text() for path in EXAMPLES.glob("*.py")]
+    for block in PYTHON_BLOCK.findall(text):
+        assert any(block in source for source in sources), block

@@ -165,8 +165,8 @@ def _unreaped(pids: list[int]) -> dict[int, str]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-        except FileNotFoundError:
-            continue  # reaped
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # reaped (before the open, or between the open and the read)
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
         state, ppid = stat.rpartition(b")")[2].split()[:2]
         if int(ppid) == os.getpid():  # else the pid was reaped and reused

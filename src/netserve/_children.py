@@ -25,9 +25,13 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 __all__ = ["Children"]
+
+# How long wait_for_one() pauses between looks when it has no pidfd to wait on.
+_NO_PIDFD_PAUSE = 0.05
 
 
 class Children:
@@ -87,10 +91,10 @@ class Children:
                 poller.register(fd, select.POLLIN)
             poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
         except (AttributeError, OSError):
-            # No pidfds here (not Linux, or an old kernel): wait for one child.
-            with self._lock:
-                if pids[0] in self.pids:
-                    self._reap_locked(pids[0], 0)
+            # No pidfd (not Linux, an old kernel, or a full descriptor table):
+            # nothing to wait on for "any of them", so look again shortly,
+            # within the timeout. Rare, and a pause, never a busy loop.
+            time.sleep(_NO_PIDFD_PAUSE if timeout is None else min(_NO_PIDFD_PAUSE, timeout))
         finally:
             for fd in pidfds:
                 os.close(fd)

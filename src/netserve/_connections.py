@@ -12,18 +12,19 @@ side (request threads, pool workers, greenlets, the forking reaper) both
 count here. A connection is *active* while it is in the live set (keyed by
 the identity of the request object it was accepted as) or held by a forked
 child, and it leaves through exactly one exit, each counted: handled,
-refused, timed out, failed in a stage, or dropped as the server closed. So
-neither ``active`` nor ``accepted`` is kept: they are counted from the set and
-the exits (``accepted`` is the exits plus the active). That makes an accept a
-single insert into the set, atomic on its own: the accept path, which runs
-for every connection, takes no lock. Every exit takes the table's lock (a
-plain ``+=`` on an attribute is not atomic across threads, and several
-handling threads count at once): the lock itself, not the condition built on
-it, whose ``with`` runs two Python-level calls more.
+refused (closed without a handler, the server's close included), timed out,
+or failed in a stage. So neither ``active`` nor ``accepted`` is kept: both
+are counted from the set and the exits (``accepted`` is the exits plus the
+active). An accept is then a single insert into the set, atomic on its own,
+and the accept path, which runs for every connection, takes no lock. Every
+exit takes the table's lock (a plain ``+=`` on an attribute is not atomic
+across threads, and several handling threads count at once): the lock
+itself, not the condition built on it, whose ``with`` runs two Python-level
+calls more.
 
 A request counted out under another object than it was accepted as would
-stay in the set, and so show as active; a model that goes on with a request
-as another object says so with ``replace()``.
+stay in the set, and so show as active, never linger unseen; a model that
+goes on with a request as another object says so with ``replace()``.
 
 The clock is an attribute so that tests can replace it: everything in netserve
 that measures time for its policies (back-offs, deadlines) asks this clock.
@@ -54,8 +55,9 @@ class ServerStatistics:
 
     #: Connections (or datagrams) taken off the listener, refused ones included.
     accepted: int = 0
-    #: Of those, closed without a handler: ``verify_request()`` said no, or the
-    #: server shed them while its descriptor table was full.
+    #: Of those, closed without a handler: ``verify_request()`` said no, the
+    #: server shed them while its descriptor table was full, or it closed them
+    #: as it closed (parked, or still queued at ``abort_connections()``).
     refused: int = 0
     #: Requests whose handler finished, with or without an error.
     handled: int = 0
@@ -84,7 +86,6 @@ class ConnectionTable:
     __slots__ = (
         "_changed",
         "_detached",
-        "_dropped",
         "_live",
         "_lock",
         "accept_errors",
@@ -112,8 +113,6 @@ class ConnectionTable:
         self.accept_errors = 0
         # Connections handed to forked children, not yet reaped.
         self._detached = 0
-        # Connections closed without a handler as the server closed.
-        self._dropped = 0
 
     # -- a connection's life: accept, then exactly one way out ---------------------------
 
@@ -134,7 +133,8 @@ class ConnectionTable:
                 self._changed.notify_all()
 
     def refuse(self, request: Any) -> None:
-        """An accepted connection was closed without a handler."""
+        """An accepted connection was closed without a handler (refused by
+        ``verify_request()``, or closed as the server closed or aborted)."""
         with self._lock:
             self.refused += 1
             self._leave_locked(request)
@@ -153,10 +153,7 @@ class ConnectionTable:
         with self._lock:
             if id(request) not in self._live:
                 return False
-            self.handled += 1
-            if error:
-                self.errors += 1
-            self._leave_locked(request)
+            self._finish_locked(request, error)
             return True
 
     def time_out(self, request: Any) -> None:
@@ -165,11 +162,11 @@ class ConnectionTable:
             self.timeouts += 1
             self._leave_locked(request)
 
-    def drop(self, request: Any) -> None:
-        """A connection without a handler was closed as the server closed."""
-        with self._lock:
-            self._dropped += 1
-            self._leave_locked(request)
+    def _finish_locked(self, request: Any, error: bool) -> None:
+        self.handled += 1
+        if error:
+            self.errors += 1
+        self._leave_locked(request)
 
     def _leave_locked(self, request: Any) -> None:
         self._live.pop(id(request), None)
@@ -233,21 +230,25 @@ class ConnectionTable:
     @property
     def accepted(self) -> int:
         """Connections and datagrams taken off the listener (read it under the lock)."""
-        ended = self.handled + self.refused + self.timeouts + self.stage_failures
-        return ended + self._dropped + self.active
+        return self._ended() + self.active
+
+    def _ended(self) -> int:
+        return self.handled + self.refused + self.timeouts + self.stage_failures
 
     def counters(self) -> dict[str, int]:
         """The counters, read together."""
         with self._lock:
+            # An accept adds to the live set without the lock: read it once.
+            active = self.active
             return {
-                "accepted": self.accepted,
+                "accepted": self._ended() + active,
                 "refused": self.refused,
                 "handled": self.handled,
                 "errors": self.errors,
                 "timeouts": self.timeouts,
                 "stage_failures": self.stage_failures,
                 "accept_errors": self.accept_errors,
-                "active": self.active,
+                "active": active,
             }
 
     def live(self) -> list[socket.socket]:

@@ -66,10 +66,6 @@ __all__ = [
 
 log = get_logger("hub")
 
-# socket.SOCK_STREAM as a plain int: comparing with the enum member costs a
-# global and an attribute lookup, twice per accepted connection.
-_STREAM = int(socket.SOCK_STREAM)
-
 
 def green_sleep(seconds: float) -> None:
     """Sleep without stalling the hub; a plain ``time.sleep()`` anywhere else."""
@@ -175,7 +171,15 @@ class GreenMixIn(_MixInBase):
                     drain(waker)
                     self.service_actions()
             finally:
-                hub.run_sync(self._green_stop_accepting)
+                try:
+                    hub.run_sync(self._green_stop_accepting)
+                except RuntimeError:
+                    # server_close() closed the hub under this loop (before any
+                    # shutdown()): its thread is gone, and its watches with it.
+                    self._netserve_acceptor().close()
+                if self._netserve_close_pending:
+                    self._netserve_close_pending = False
+                    self._netserve_close_parked()
         finally:
             stop.leave_loop(waker)
 
@@ -235,10 +239,10 @@ class GreenMixIn(_MixInBase):
         """Accept a connection; on the hub, straight into a GreenSocket.
 
         Taking the descriptor from the listener saves building a plain socket
-        only to take it apart again (a tenth of a hub's time under churn).
+        only to take it apart again.
         Elsewhere (handle_request() on another thread), the usual accept().
         """
-        if self.socket_type != _STREAM or not self._green_hub.on_hub_thread():
+        if self.socket_type != socket.SOCK_STREAM or not self._green_hub.on_hub_thread():
             return super().get_request()
         fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
         try:
@@ -246,7 +250,7 @@ class GreenMixIn(_MixInBase):
                 self._green_hub,
                 fileno=fd,
                 family=self.address_family,
-                kind=_STREAM,
+                kind=socket.SOCK_STREAM,
                 timeout=socket.getdefaulttimeout(),
             )
         except BaseException:
@@ -257,40 +261,47 @@ class GreenMixIn(_MixInBase):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the request's greenlet on the hub (from any thread)."""
         hub = self._green_hub
-        if not hub.on_hub_thread():
+        if hub.on_hub_thread():
+            self._green_start(request, client_address)
+        else:
             # handle_request() on another thread: the hub takes it from here.
             hub.call_soon_threadsafe(lambda: self._green_start_guarded(request, client_address))
-            return
+
+    def _green_start_guarded(self, request: Any, client_address: Any) -> None:
+        try:
+            self._green_start(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self._netserve_table.finish_if_held(request, error=True)
+            self.shutdown_request(request)
+
+    def _green_start(self, request: Any, client_address: Any) -> None:
+        hub = self._green_hub
         # Counted once here, uncounted when its greenlet ends or it is unparked:
         # the hub's thread lives while this is above zero.
         hub.active += 1
-        # What get_request() gives on the hub: a GreenSocket (checked first,
-        # with no call, as this runs for every connection).
-        if type(request) is not GreenSocket:
-            accepted = request
-            if isinstance(request, socket.socket):
-                if not isinstance(request, GreenSocket):
-                    request = GreenSocket(hub, request)
-            elif isinstance(request, tuple) and request[1] is self.socket:
-                request = (request[0], self._green_datagram_socket())
-            if request is not accepted:
-                self._netserve_table.replace(accepted, request)
-            if not isinstance(request, socket.socket):
-                hub.spawn(self._green_run, request, client_address)
-                return
-        if self.park_until_readable and self.socket_type == _STREAM:
-            _Starter(self, request, client_address)
-            return
-        hub.spawn(self._green_run, request, client_address)
-
-    def _green_start_guarded(self, request: Any, client_address: Any) -> None:
-        # On the hub now: this class's process_request() starts it (an override
-        # in a subclass has already run, on the thread that accepted).
         try:
-            GreenMixIn.process_request(self, request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
+            # What get_request() gives on the hub: a GreenSocket (checked first,
+            # with no call, as this runs for every connection).
+            if type(request) is not GreenSocket:
+                accepted = request
+                if isinstance(request, socket.socket):
+                    if not isinstance(request, GreenSocket):
+                        request = GreenSocket(hub, request)
+                elif isinstance(request, tuple) and request[1] is self.socket:
+                    request = (request[0], self._green_datagram_socket())
+                if request is not accepted:
+                    self._netserve_table.replace(accepted, request)
+                if not isinstance(request, socket.socket):
+                    hub.spawn(self._green_run, request, client_address)
+                    return
+            if self.park_until_readable and self.socket_type == socket.SOCK_STREAM:
+                _Starter(self, request, client_address)
+                return
+            hub.spawn(self._green_run, request, client_address)
+        except BaseException:
+            hub.active -= 1  # no greenlet will uncount it
+            raise
 
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
@@ -378,7 +389,7 @@ class GreenMixIn(_MixInBase):
 
     def _green_close_parked_on_hub(self) -> None:
         for sock in list(self._green_parked):
-            self._netserve_table.drop(sock)
+            self._netserve_table.refuse(sock)
             self._green_unpark(sock)
 
     def abort_connections(self) -> None:

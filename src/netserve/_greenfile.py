@@ -5,9 +5,7 @@
 slower: a ``BufferedReader`` over a socket calls back into Python (the raw
 file's ``readinto``) for every read, through a fresh memoryview and its lock,
 and its C frames sit under the greenlet's wait, whose stack the greenlet copies
-out and back at each switch (256 bytes more, measured with gdb). Measured on the
-line-echo benchmark (issue 3), windows of the two versions taken in turns:
-5% more requests/s at 256 connections, 8% at 2048 (medians of 10 and 8 pairs).
+out and back at each switch (figures: docs/benchmarks.md).
 
 Reading follows the readable hint of rule 2 in ``_hub``: an untimed stream
 socket (``GreenSocket.untimed_stream``) waits for the hub's edge instead of
@@ -41,9 +39,7 @@ _send = socket.socket.send
 # What readline() asks of recv() while lines come short: recv(n) allocates n
 # bytes and then shrinks them to what came, and up to this size (with the bytes
 # object's header, 512 bytes) CPython's small-object allocator does both;
-# recv(8192) goes to malloc() and realloc() every time. Measured with
-# benchmarks/ab.py: 4% more requests/s at 256 connections (20 pairs), no change
-# at 2048 (16 pairs).
+# recv(8192) goes to malloc() and realloc() every time (docs/benchmarks.md).
 _SMALL_READ = 479
 
 

@@ -21,22 +21,21 @@ writing, when it is created, and never re-registered. Each socket keeps a
 peer has hung up it stays set, since the edge that said so may have come with
 the data that the short read took. A
 greenlet that wants to read after a short read waits for the edge without
-trying a recv that would fail. (Measured on the prototype: a failing recv
-before each wait and re-registering on each wait cost 3.3 system calls a
-request against 2.05 for a callback server.) With edge triggering, any data
-that arrives after a read produces a new event, so no wake-up is lost.
+trying a recv that would fail (a failing recv and a re-registration per wait
+cost more system calls than a callback server makes). With edge triggering,
+any data that arrives after a read produces a new event, so no wake-up is lost.
 
 Rule 3: the loop switches into a waiting greenlet as soon as its event is seen,
 and the greenlet switches back when it next waits or ends; greenlets are
 children of the hub's greenlet, so a finished one returns there too.
 
 Rule 4: greenlets are reused. A greenlet whose work is done waits in a short
-list of spares for the next ``spawn()``, instead of ending. Under connection
-churn a fresh greenlet per connection cost about a tenth of the hub's time: on
-CPython 3.11 each one maps a 16 KiB frame stack of its own (mmap, page faults,
-munmap). A reused greenlet starts each task in an empty ``contextvars``
-context, as a new one would. Spares belong to the thread that made them and
-end with it; a thread started after it gets a list of its own.
+list of spares for the next ``spawn()``, instead of ending: on CPython 3.11 a
+fresh greenlet maps a 16 KiB frame stack of its own (mmap, page faults,
+munmap), which shows under connection churn. A reused greenlet starts each
+task in an empty ``contextvars`` context, as a new one would. Spares belong to
+the thread that made them and end with it; a thread started after it gets a
+list of its own.
 
 Rule 5: time is the hub's ``clock`` (``time.monotonic`` unless given): timers
 and the deadlines of waits are times on it, and the loop's epoll timeout is the
@@ -590,11 +589,13 @@ class Hub:
         current = greenlet.getcurrent()
         assert self.greenlet is not None
         assert current is not self.greenlet
-        if seconds <= 0:
-            self.schedule(current)
-        else:
-            self.call_later(seconds, current.switch, None)
-        self.greenlet.switch()
+        # A timer even for 0 (it fires on the next pass), so that a greenlet
+        # ended while it sleeps (GreenletExit) leaves no wake-up behind.
+        timer = self.call_at(self.clock() + max(0.0, seconds), current.switch, None)
+        try:
+            self.greenlet.switch()
+        finally:
+            timer.cancel()
 
 
 def _end_spares(spares: list[greenlet.greenlet]) -> None:
@@ -608,9 +609,8 @@ def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> 
     """A handler greenlet's whole life: tasks from spawn(), spare in between.
 
     A function, not a method of the hub: greenlet calls a bound method through
-    one more C frame (144 bytes), and a greenlet's C stack is copied out and
-    back at each of its switches (measured with ``greenlet._stack_saved``: 2024
-    bytes a waiting handler before, 1880 after).
+    one more C frame, and a greenlet's C stack is copied out and back at each
+    of its switches.
     """
     # This thread's list (rule 4): the greenlet is made on the hub's thread.
     spares = hub._spares
@@ -622,4 +622,9 @@ def _work(hub: Hub, fn: Callable[[Any, Any], None], first: Any, second: Any) -> 
         if len(spares) >= hub.max_spares or hub._closing:
             return
         spares.append(current)
-        fn, first, second = hub_greenlet.switch()
+        task = hub_greenlet.switch()
+        # Only spawn() passes a task. A wake-up meant for the task that just
+        # ended (queued before it was ended from outside) is not one: wait on.
+        while type(task) is not tuple:
+            task = hub_greenlet.switch()
+        fn, first, second = task

@@ -101,18 +101,23 @@ class StopControl:
             if self._waker is not None:
                 poke(self._waker)
 
-    def request_stop(self, *, wait: bool = True) -> None:
+    def request_stop(self, *, wait: bool = True) -> bool:
         """Ask the loop to stop; wait for it when that cannot deadlock.
 
         ``wait=False`` from a thread whose waiting would deadlock although it
         is not the loop's own (the hub's thread, which the loop needs to stop).
+        Returns True when no loop runs any more, False when one still does (it
+        was not waited for).
         """
         with self._changed:
             self._requested = True
             if self._waker is not None:
                 poke(self._waker)
-            if not wait or self._loop_thread is None or self._loop_thread == threading.get_ident():
-                return
+            if self._loop_thread is None:
+                return True
+            if not wait or self._loop_thread == threading.get_ident():
+                return False
             seen = self._generation
             while self._generation == seen:
                 self._changed.wait()
+            return True

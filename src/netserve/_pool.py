@@ -24,6 +24,11 @@ was taken stays parked, its bytes in the kernel, rather than waiting in a list
 of ours (issue 10: 1,000 such connections once queued 1,276 requests behind a
 queue of 8). Workers wake the loop when they free a slot it is waiting for.
 
+A connection with stages (``_stages``: a PROXY header, a TLS handshake) is
+parked through them: each time its socket is ready the loop advances them
+without blocking, and only once they are done does the connection go to the
+queue, so stalled handshakes hold no worker.
+
 Parking assumes the client speaks first. For protocols where the server speaks
 first (SMTP, FTP banners), set ``park_until_readable = False``.
 
@@ -50,7 +55,7 @@ from netserve._connections import ServerStatistics
 from netserve._errors import ConnectionTimeout, StageError
 from netserve._log import get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
-from netserve._stages import DONE, READ, WRITE, Connection, Stage, check_deadline
+from netserve._stages import DONE, WRITE, Connection, Stage, advance_stages, check_deadline
 
 __all__ = [
     "PoolStatistics",
@@ -70,8 +75,11 @@ log = get_logger("pool")
 # whose stages the loop ran (None when the worker is to run them, or none).
 _Job = tuple[Any, Any, "Connection | None"]
 
-# Marks the parked connections' epoll set among the selector's keys.
+# Mark the parked connections' epoll sets among the selector's keys.
 _PARKED = "netserve-parked"
+_STAGING = "netserve-staging"
+# Connections whose stages are advanced per readiness of their set.
+_STAGE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,12 @@ class _Pool:
         with self.lock:
             while len(self.jobs) >= self.queue_size:
                 self.room_ready.wait()
+            self._enqueue(job)
+
+    def put_past_bound(self, job: _Job) -> None:
+        """Queue a job whatever the queue holds: only once the server stopped
+        accepting, when the number of such jobs can no longer grow."""
+        with self.lock:
             self._enqueue(job)
 
     def _enqueue(self, job: _Job) -> None:
@@ -255,7 +269,12 @@ class ThreadPoolMixIn(_MixInBase):
         # earliest first; entries of connections gone since are skipped.
         self._netserve_deadlines: list[tuple[float, int, _Parked]] = []
         self._netserve_sequence = itertools.count()
-        self._netserve_park_set: select.epoll | None = None
+        # Two epoll sets nested in the loop's selector: connections waiting for
+        # their first byte (watched only while the queue has room), and those
+        # in their stages (always watched: a stage needs no worker).
+        self._netserve_park_sets: tuple[select.epoll, select.epoll] | None = None
+        # Connections whose stages are done, waiting for room in the queue.
+        self._netserve_staged: collections.deque[_Job] = collections.deque()
         # Requests that found the queue full after all (another thread queued
         # through handle_request() in between): at most one poll's worth.
         self._netserve_overflow: collections.deque[_Job] = collections.deque()
@@ -303,9 +322,9 @@ class ThreadPoolMixIn(_MixInBase):
     def _netserve_park(
         self, request: socket.socket, client_address: Any, stages: list[Stage]
     ) -> None:
-        park_set = self._netserve_park_set
-        if park_set is None:
-            park_set = self._netserve_park_set = select.epoll()
+        sets = self._netserve_park_sets
+        if sets is None:
+            sets = self._netserve_park_sets = (select.epoll(), select.epoll())
         if stages:
             deadline = self._netserve_stage_deadline()
         elif self.park_timeout is not None:
@@ -314,7 +333,7 @@ class ThreadPoolMixIn(_MixInBase):
             deadline = None
         parked = _Parked(request, client_address, deadline, stages)
         fd = request.fileno()
-        park_set.register(fd, select.EPOLLIN)
+        sets[parked.conn is not None].register(fd, select.EPOLLIN)
         self._netserve_parked[fd] = parked
         if deadline is not None:
             heapq.heappush(
@@ -322,118 +341,117 @@ class ThreadPoolMixIn(_MixInBase):
             )
 
     def _netserve_unpark(self, fd: int) -> _Parked:
-        assert self._netserve_park_set is not None
-        self._netserve_park_set.unregister(fd)
-        return self._netserve_parked.pop(fd)
+        parked = self._netserve_parked.pop(fd)
+        assert self._netserve_park_sets is not None
+        self._netserve_park_sets[parked.conn is not None].unregister(fd)
+        return parked
 
-    def _netserve_advance(self, fd: int, parked: _Parked) -> _Job | None:
-        """Run a parked connection's stages as far as they go without blocking;
-        the job for a worker once they are done (see _stages, the pool's driver)."""
+    def _netserve_advance(self, fd: int, parked: _Parked) -> None:
+        """Run a parked connection's stages as far as they go without blocking
+        (the pool's stage driver, see _stages); done, it waits for a worker."""
         conn = parked.conn
         assert conn is not None
-        stages = parked.stages
         try:
-            while conn.stage < len(stages):
-                check_deadline(
-                    None if conn.deadline is None else conn.deadline - self._netserve_table.clock()
-                )
-                want = stages[conn.stage].advance(conn)
-                if want == DONE:
-                    conn.stage += 1
-                elif want in (READ, WRITE):
-                    assert self._netserve_park_set is not None
-                    events = select.EPOLLOUT if want == WRITE else select.EPOLLIN
-                    self._netserve_park_set.modify(fd, events)
-                    return None
-                else:
-                    raise StageError(f"{stages[conn.stage]!r}.advance() returned {want!r}")
+            check_deadline(
+                None if conn.deadline is None else conn.deadline - self._netserve_table.clock()
+            )
+            want = advance_stages(conn, parked.stages)
         except (StageError, OSError) as exc:
             self._netserve_unpark(fd)
             self._netserve_stage_failed(conn, exc)
-            return None
+            return
         except Exception:
-            # A bug in a stage is the server's, as one in a handler is.
             self._netserve_unpark(fd)
-            self.handle_error(conn.request, conn.client_address)
-            self._netserve_table.finish(conn.sock, error=True)
-            self._netserve_close_staged(conn)
-            return None
-        self._netserve_unpark(fd)
-        return (conn.request, conn.client_address, conn)
+            self._netserve_stage_bug(conn)
+            return
+        if want == DONE:
+            self._netserve_unpark(fd)
+            self._netserve_staged.append((conn.request, conn.client_address, conn))
+        else:
+            assert self._netserve_park_sets is not None
+            events = select.EPOLLOUT if want == WRITE else select.EPOLLIN
+            self._netserve_park_sets[1].modify(fd, events)
 
     def _netserve_parked_count(self) -> int:
-        return len(self._netserve_parked)
+        return len(self._netserve_parked) + len(self._netserve_staged)
 
     # -- the serving loop's hooks ------------------------------------------------------
 
     def _netserve_selector(self) -> selectors.BaseSelector:
-        # The loop watches few descriptors, but epoll nests the parked set.
+        # The loop watches few descriptors, but epoll nests the parked sets.
         return selectors.DefaultSelector()
 
     def _netserve_loop_started(self, selector: selectors.BaseSelector) -> None:
         self._netserve_selector_now = selector
         self._netserve_park_watched = False
+        if self._netserve_park_sets is None:
+            self._netserve_park_sets = (select.epoll(), select.epoll())
+        # Stages go on whether or not a worker is free: always watched.
+        selector.register(self._netserve_park_sets[1], selectors.EVENT_READ, _STAGING)
 
     def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
         # Parked connections stay parked; the next loop watches them again.
+        sets = self._netserve_park_sets
+        assert sets is not None
+        selector.unregister(sets[1])
         if self._netserve_park_watched:
-            assert self._netserve_park_set is not None
-            selector.unregister(self._netserve_park_set)
+            selector.unregister(sets[0])
             self._netserve_park_watched = False
         self._netserve_selector_now = None
 
     def _netserve_ready(self, key: selectors.SelectorKey) -> None:
-        # Parked connections spoke (or closed), or their stages can go on: as
-        # many as there is room for are taken; the others stay ready in the set.
-        park_set = self._netserve_park_set
-        assert park_set is not None
+        sets = self._netserve_park_sets
+        assert sets is not None
+        if key.data is _STAGING:
+            for fd, _ in sets[1].poll(0, _STAGE_BATCH):
+                self._netserve_advance(fd, self._netserve_parked[fd])
+            return
+        # Parked connections spoke (or closed): as many as there is room for
+        # are taken; the others stay ready in the set, their bytes in the kernel.
         pool = self._netserve_pool_state
         room = pool.room()
         if room <= 0:
             return
-        for fd, _ in park_set.poll(0, room):
-            parked = self._netserve_parked[fd]
-            job: _Job | None
-            if parked.conn is not None:
-                job = self._netserve_advance(fd, parked)
-            else:
-                self._netserve_unpark(fd)
-                job = (parked.request, parked.client_address, None)
-            if job is not None and not pool.offer(job):
+        for fd, _ in sets[0].poll(0, room):
+            parked = self._netserve_unpark(fd)
+            job = (parked.request, parked.client_address, None)
+            if not pool.offer(job):
                 self._netserve_overflow.append(job)
 
     def _netserve_accept_allowed(self) -> bool:
         # Called by the loop before each wait, after _netserve_before_wait().
-        return not self._netserve_overflow and self._netserve_pool_state.room() > 0
+        return not self._netserve_waiting() and self._netserve_pool_state.room() > 0
+
+    def _netserve_waiting(self) -> bool:
+        return bool(self._netserve_overflow or self._netserve_staged)
 
     def _netserve_before_wait(
         self, selector: selectors.BaseSelector, poll_interval: float | None
     ) -> float | None:
         pool = self._netserve_pool_state
-        overflow = self._netserve_overflow
-        while overflow and pool.offer(overflow[0]):
-            overflow.popleft()
-        room = not overflow and pool.room() > 0
+        # Requests that found the queue full go first, then connections whose
+        # stages are done (both already accepted, both waiting for a worker).
+        for waiting in (self._netserve_overflow, self._netserve_staged):
+            while waiting and pool.offer(waiting[0]):
+                waiting.popleft()
+        room = not self._netserve_waiting() and pool.room() > 0
         if not room:
             with pool.lock:
                 pool.loop_wants_room = True
             # Look again now that the flag is set: a worker may have made room in
             # between, and it would not have woken us.
-            room = not overflow and pool.room() > 0
-        watch_parked = room and bool(self._netserve_parked)
-        if watch_parked != self._netserve_park_watched:
-            assert self._netserve_park_set is not None
-            if watch_parked:
-                selector.register(self._netserve_park_set, selectors.EVENT_READ, _PARKED)
+            room = not self._netserve_waiting() and pool.room() > 0
+        if room != self._netserve_park_watched:
+            assert self._netserve_park_sets is not None
+            if room:
+                selector.register(self._netserve_park_sets[0], selectors.EVENT_READ, _PARKED)
             else:
-                selector.unregister(self._netserve_park_set)
-            self._netserve_park_watched = watch_parked
+                selector.unregister(self._netserve_park_sets[0])
+            self._netserve_park_watched = room
         return self._netserve_expire_parked(poll_interval)
 
     def _netserve_expire_parked(self, poll_interval: float | None) -> float | None:
         deadlines = self._netserve_deadlines
-        if not deadlines:
-            return poll_interval
         table = self._netserve_table
         now = table.clock()
         while deadlines and deadlines[0][0] <= now:
@@ -441,15 +459,18 @@ class ThreadPoolMixIn(_MixInBase):
             fd = parked.request.fileno()
             if self._netserve_parked.get(fd) is not parked:
                 continue  # handed over or closed since
-            self._netserve_unpark(fd)
             if parked.conn is not None:
+                self._netserve_unpark(fd)
                 self._netserve_stage_failed(
                     parked.conn, ConnectionTimeout("the connection's stages did not finish in time")
                 )
-                continue
-            self._netserve_park_timeouts += 1
-            table.time_out(parked.request)
-            self.shutdown_request(parked.request)
+            elif not _has_input(parked.request):
+                # Silent past park_timeout. (One that spoke while every worker
+                # was busy is not silent: it waits for a worker, no deadline.)
+                self._netserve_unpark(fd)
+                self._netserve_park_timeouts += 1
+                table.time_out(parked.request)
+                self.shutdown_request(parked.request)
         if not deadlines:
             return poll_interval
         until_next = max(0.0, deadlines[0][0] - now)
@@ -463,21 +484,32 @@ class ThreadPoolMixIn(_MixInBase):
         """
         super().server_close()
         self._netserve_close_parked()
-        pool = self._netserve_pool_state
-        while self._netserve_overflow:
-            pool.put(self._netserve_overflow.popleft())
-        pool.close(wait=self.block_on_close)
+        self._netserve_pool_state.close(wait=self.block_on_close)
 
     def _netserve_close_parked(self) -> None:
+        """Close the connections that sent nothing, or are still in their stages;
+        hand to the workers those that spoke, or finished their stages, while
+        every worker was busy (they are requests, not idle connections)."""
         table = self._netserve_table
-        for fd in list(self._netserve_parked):
-            request = self._netserve_unpark(fd).request
-            table.drop(request)
-            self.shutdown_request(request)
+        pool = self._netserve_pool_state
+        for fd, parked in list(self._netserve_parked.items()):
+            self._netserve_unpark(fd)
+            if parked.conn is None and _has_input(parked.request):
+                self._netserve_overflow.append((parked.request, parked.client_address, None))
+                continue
+            table.refuse(parked.request)
+            self.shutdown_request(parked.request)
+            if parked.conn is not None and parked.conn.request is not parked.request:
+                self.shutdown_request(parked.conn.request)
         self._netserve_deadlines.clear()
-        if self._netserve_park_set is not None:
-            self._netserve_park_set.close()
-            self._netserve_park_set = None
+        # Past accepting, the queue may take them all: nothing can add more.
+        for waiting in (self._netserve_overflow, self._netserve_staged):
+            while waiting:
+                pool.put_past_bound(waiting.popleft())
+        if self._netserve_park_sets is not None:
+            for park_set in self._netserve_park_sets:
+                park_set.close()
+            self._netserve_park_sets = None
 
     def abort_connections(self) -> None:
         """Close the requests still queued, and shut down those in progress."""
@@ -486,10 +518,13 @@ class ThreadPoolMixIn(_MixInBase):
             queued = list(pool.jobs)
             pool.jobs.clear()
             pool.room_ready.notify_all()
-        queued += self._netserve_overflow
-        self._netserve_overflow.clear()
+            wake_loop = pool.loop_wants_room
+            pool.loop_wants_room = False
+        if wake_loop:
+            # The loop stopped accepting for want of room: there is room now.
+            self._netserve_stop.wake()
         for request, _, staged in queued:
-            self._netserve_table.drop(request if staged is None else staged.sock)
+            self._netserve_table.refuse(request if staged is None else staged.sock)
             self.shutdown_request(request)
             if staged is not None and staged.sock is not request:
                 self.shutdown_request(staged.sock)

@@ -6,11 +6,19 @@ The public contract is the stdlib's chain of hooks, and user code overrides any
 link of it, so every step below goes through ``self.<hook>``:
 
     handle_request / serve_forever
-      -> get_request -> verify_request -> process_request
-           -> finish_request (RequestHandlerClass(request, address, server))
-           -> shutdown_request -> close_request
+      -> get_request -> verify_request -> process_request    (_accept: the one
+                                                             accept routine)
+           -> the stages, then finish_request (RequestHandlerClass(...))
+           -> shutdown_request -> close_request              (the one runner,
+                                                 _netserve_run_request)
       errors: Exception -> handle_error, then shutdown_request;
               any other BaseException -> shutdown_request, then re-raised
+
+Each concurrency mix-in changes only where ``process_request`` sends the
+request: the runner then runs on a thread, in a child, on a pool worker or in
+a greenlet (docs/architecture.md). The connection table (``_connections``)
+counts every request for ``statistics()`` and knows which are still open, for
+``close()``, ``wait_closed()`` and ``abort_connections()``.
 
 Where netserve differs on purpose (each listed in the README):
 
@@ -117,6 +125,7 @@ class BaseServer:
         self._netserve_stop = StopControl()
         self._netserve_table = ConnectionTable()
         self._netserve_watching = False
+        self._netserve_close_pending = False
 
     # -- hooks a concrete server supplies -------------------------------------------
 
@@ -175,6 +184,9 @@ class BaseServer:
                         selector.unregister(self)
                         self._netserve_watching = False
                     self._netserve_loop_stopped(selector)
+                    if self._netserve_close_pending:
+                        self._netserve_close_pending = False
+                        self._netserve_close_parked()
         finally:
             stop.leave_loop(waker)
 
@@ -302,9 +314,15 @@ class BaseServer:
         # model), which may take any time: that loop is not waited for, and
         # leaves after the handler.
         inline = self._netserve_handles_inline
-        self._netserve_stop.request_stop(wait=not inline and not self._netserve_serving_here())
+        wait = not inline and not self._netserve_serving_here()
+        stopped = self._netserve_stop.request_stop(wait=wait)
         self._netserve_close_listener()
-        self._netserve_close_parked()
+        if stopped:
+            self._netserve_close_parked()
+        else:
+            # Called on the loop's own thread (a handler, a signal handler) or
+            # not waited for: the loop closes them as it leaves.
+            self._netserve_close_pending = True
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every accepted connection is gone (``timeout`` seconds at most).
@@ -318,9 +336,12 @@ class BaseServer:
 
         Threads, pool workers and the sync model: each connection is shut down
         for both directions, so that a handler blocked on it returns (a read
-        sees the end of the stream, a write fails). The hub ends its handlers'
-        greenlets with ``GreenletExit``; the forking model signals its children
-        (SIGTERM, then SIGKILL). ``finally`` blocks and ``finish()`` still run.
+        sees the end of the stream, a write fails), and its ``finally`` blocks
+        and ``finish()`` run. The hub ends its handlers' greenlets with
+        ``GreenletExit`` (``finally`` and ``finish()`` run too). The forking
+        model sends its children SIGTERM, which ends a child at once unless it
+        handles the signal, then SIGKILL to those still running
+        ``abort_grace`` later (so this call takes up to that long there).
         Follow it with ``wait_closed()``.
         """
         for sock in self._netserve_table.live():
@@ -401,11 +422,7 @@ class BaseServer:
                 except (StageError, OSError) as exc:  # ConnectionTimeout is an OSError
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
-                    # A bug in a stage is the server's, as one in a handler is.
-                    self.handle_error(staged.request, staged.client_address)
-                    self._netserve_table.finish(original, error=True)
-                    self._netserve_close_staged(staged)
-                    return FAILED
+                    return self._netserve_stage_bug(staged)
         if staged is not None:
             request, client_address = staged.request, staged.client_address
         error = False
@@ -452,6 +469,16 @@ class BaseServer:
         self._netserve_close_staged(conn)
         return TIMED_OUT if timed_out else STAGE_FAILED
 
+    def _netserve_stage_bug(self, conn: Connection) -> int:
+        """A stage raised something other than a failure: a bug in the server,
+        reported through ``handle_error()`` as a handler's would be."""
+        self.handle_error(conn.request, conn.client_address)
+        table = self._netserve_table
+        table.stage_failed(conn.sock, timed_out=False)
+        table.error()
+        self._netserve_close_staged(conn)
+        return STAGE_FAILED
+
     def _netserve_close_staged(self, conn: Connection) -> None:
         self.shutdown_request(conn.request)
         if conn.request is not conn.sock:
@@ -487,7 +514,7 @@ class BaseServer:
         # What calling the class does, in two steps that stay inside the
         # interpreter: a call through type() nests a C frame under the whole
         # request, and the greenlet hub copies a handler's C stack out and back
-        # at every wait (a quarter less to copy; measured with gdb).
+        # at every wait.
         handler: Any = object.__new__(handler_class)
         result = handler.__init__(request, client_address, self)
         if result is not None:

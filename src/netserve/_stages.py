@@ -53,6 +53,8 @@ __all__ = [
     "Connection",
     "PrefixedSocket",
     "Stage",
+    "advance_stages",
+    "check_deadline",
     "run_stages",
 ]
 
@@ -121,21 +123,29 @@ class Stage:
         raise NotImplementedError
 
 
-def run_stages(
-    conn: Connection,
-    stages: Sequence[Stage],
-    wait: Callable[[Connection, bool, float | None], None],
-) -> None:
-    """Run the stages from ``conn.stage`` on, waiting through ``wait(conn, write,
-    deadline)`` (which raises ``ConnectionTimeout`` when the deadline passes)."""
+def advance_stages(conn: Connection, stages: Sequence[Stage]) -> int:
+    """Run the stages from ``conn.stage`` on until one must wait: returns
+    ``READ`` or ``WRITE`` (wait, then call again), or ``DONE`` (all done)."""
     while conn.stage < len(stages):
         want = stages[conn.stage].advance(conn)
         if want == DONE:
             conn.stage += 1
         elif want in (READ, WRITE):
-            wait(conn, want == WRITE, conn.deadline)
+            return want
         else:
             raise StageError(f"{stages[conn.stage]!r}.advance() returned {want!r}")
+    return DONE
+
+
+def run_stages(
+    conn: Connection,
+    stages: Sequence[Stage],
+    wait: Callable[[Connection, bool, float | None], None],
+) -> None:
+    """Run every stage, waiting through ``wait(conn, write, deadline)`` (which
+    raises ``ConnectionTimeout`` when the deadline passes)."""
+    while (want := advance_stages(conn, stages)) != DONE:
+        wait(conn, want == WRITE, conn.deadline)
 
 
 def check_deadline(remaining: float | None) -> None:
