@@ -45,9 +45,12 @@ def open_reader(conn: Any, bufsize: int, limit: int | None) -> Any:
     if limit is None:
         return conn.makefile("rb", bufsize)
     # A socket class with its own reader (GreenSocket) bounds its lines itself.
-    bounded = getattr(conn, "_netserve_line_reader", None)
+    # Looked up on the class: a wrapper that forwards attributes (a stage's
+    # PrefixedSocket) must not hand out its socket's reader, which would skip
+    # the wrapper's read-ahead.
+    bounded = getattr(type(conn), "_netserve_line_reader", None)
     if bounded is not None:
-        return bounded(bufsize, limit)
+        return bounded(conn, bufsize, limit)
     if not isinstance(conn, socket.socket):
         return conn.makefile("rb", bufsize)
     raw = conn.makefile("rb", 0)  # the raw socket file, counted by the socket
