@@ -16,8 +16,9 @@ from typing import Any
 import greenlet
 import pytest
 
+import netserve
 import netserve._hub
-from netserve._hub import Hub
+from netserve._hub import Expiry, Hub, Limits
 
 
 class FakeClock:
@@ -33,11 +34,14 @@ class FakeClock:
 class Registered:
     """The least a socket must carry to be registered with the hub (HubSocket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None, *, fresh: bool = False) -> None:
         self.hub_readable = True
         self.hub_hangup = False
         self.hub_reader: Any = None
         self.hub_writer: Any = None
+        self.hub_limits = limits
+        self.hub_born = self.hub_read_since = self.hub_write_since = 0
+        self.hub_fresh = fresh
 
 
 class Mark:
@@ -403,3 +407,126 @@ def test_a_thread_started_while_the_last_one_ends_keeps_its_spares(
         hub.close()
     assert used[0].dead
     assert excepthook_calls == []
+
+
+# -- the sweep's wait limits (rule 6) ---------------------------------------------------------
+
+
+def _fill(sock: socket.socket) -> None:
+    """Fill the send buffer, so that a write waits for an edge."""
+    while True:
+        try:
+            sock.send(b"x" * 65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("first", True, False, "park_timeout"),
+        ("idle", False, False, "idle_timeout"),
+        ("write", False, True, "write_timeout"),
+        ("age", False, False, "max_connection_age"),
+        ("age", False, True, "max_connection_age"),
+    ],
+    ids=["first-byte", "idle", "write", "age-read", "age-write"],
+)
+def test_the_sweep_ends_an_untimed_wait_at_its_limit_and_never_before(
+    hub: Hub, clock: FakeClock, pair: tuple[socket.socket, socket.socket], case: tuple[Any, ...]
+) -> None:
+    limit, fresh, write, setting = case
+    ours, _ = pair
+    outcome: list[Any] = []
+    limits = hub.run_sync(lambda: hub.limits(**{limit: 1.0}))
+    assert hub.sweep_period == 0.125  # an eighth of the smallest limit
+    sock = Registered(limits, fresh=fresh)
+
+    def start() -> None:
+        hub.register(ours.fileno(), sock)
+        hub.active += 1  # the sweep runs while greenlets are alive
+        if write:
+            _fill(ours)
+        _wait_in_greenlet(hub, sock, None, outcome, write=write)
+
+    hub.run_sync(start)
+    # One sweep a period: the wait is a limit old at the ninth, not before.
+    for step in range(1, 8):
+        clock.now = step * 0.125
+        settle(hub)
+        assert outcome == []
+    clock.now = 1.0
+    settle(hub)
+    [error] = outcome
+    assert type(error) is netserve.ConnectionTimeout
+    assert error.setting == setting
+    assert (sock.hub_reader, sock.hub_writer) == (None, None)
+
+    def stop() -> None:
+        hub.active -= 1
+        hub.forget(ours.fileno(), sock)
+
+    hub.run_sync(stop)
+
+
+def test_a_wait_with_its_own_deadline_is_held_to_the_age_limit_only(
+    hub: Hub, clock: FakeClock, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    ours, _ = pair
+    outcome: list[Any] = []
+    limits = hub.run_sync(lambda: hub.limits(idle=1.0, age=4.0))
+    sock = Registered(limits)
+
+    def start() -> None:
+        hub.register(ours.fileno(), sock)
+        hub.active += 1
+        _wait_in_greenlet(hub, sock, 100.0, outcome)  # a user's timeout
+
+    hub.run_sync(start)
+    for step in range(1, 33):  # 4 s: far past the idle limit
+        clock.now = step * 0.125
+        settle(hub)
+        if outcome:
+            break
+    [error] = outcome
+    assert error.setting == "max_connection_age"
+    assert clock.now == 4.0
+
+    def stop() -> None:
+        hub.active -= 1
+        hub.forget(ours.fileno(), sock)
+
+    hub.run_sync(stop)
+
+
+def test_the_sweep_switches_a_waiter_that_is_not_a_greenlet_with_the_expiry(
+    hub: Hub, clock: FakeClock, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    # A parked connection's starter: it closes the connection itself.
+    ours, _ = pair
+    seen: list[Any] = []
+    limits = hub.run_sync(lambda: hub.limits(first=1.0))
+    sock = Registered(limits, fresh=True)
+    sock.hub_reader = Mark(seen, "starter")
+
+    def start() -> None:
+        hub.register(ours.fileno(), sock)
+        hub.active += 1
+
+    hub.run_sync(start)
+    for step in range(1, 9):
+        clock.now = step * 0.125
+        settle(hub)
+    [(name, expiry)] = seen
+    assert (name, type(expiry), expiry.setting) == ("starter", Expiry, "park_timeout")
+
+    def stop() -> None:
+        hub.active -= 1
+        hub.forget(ours.fileno(), sock)
+
+    hub.run_sync(stop)
+
+
+def test_no_limits_no_sweep(hub: Hub) -> None:
+    assert hub.run_sync(hub.limits) is None
+    assert hub.sweep_period is None

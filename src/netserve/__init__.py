@@ -25,6 +25,7 @@ from netserve._green import (
     GreenTCPServer,
     GreenUDPServer,
     green_sleep,
+    to_thread,
 )
 from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from netserve._pool import (
@@ -84,6 +85,7 @@ __all__ += [
     "GreenTCPServer",
     "GreenUDPServer",
     "green_sleep",
+    "to_thread",
     "PoolStatistics",
     "ServerStatistics",
     "ThreadPoolMixIn",

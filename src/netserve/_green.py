@@ -10,28 +10,40 @@ What still stalls the hub (every other connection waits while it runs): any
 blocking call that does not go through ``self.request``, such as
 ``time.sleep()`` (use ``netserve.green_sleep()``), a socket the handler opens
 itself, a database driver, ``subprocess`` waits, DNS look-ups, file I/O on slow
-disks, long CPU-bound work. netserve does not monkeypatch: run such calls in a
-thread pool, or use the thread-pool model.
+disks, long CPU-bound work. netserve does not monkeypatch: run such calls
+with ``netserve.to_thread()`` (a bounded set of worker threads, while the hub
+serves the others), or use the thread-pool model. A handler that holds the
+hub past ``hub_stall_warning`` is logged with its stack (``_watchdog``).
+
+Limits (issue 11, docs/limits.md): the hub enforces the time-outs on its own
+waits (rule 6 of ``_hub``; ``_greensocket``), bounds rfile's lines
+(``_greenfile``), and stops watching its listener while ``max_connections``
+are open. The per-client limit is the accept routine's, as in every model.
 
 Hooks overridden: ``serve_forever`` (accepting happens on the hub's thread),
 ``process_request``, ``server_close``. Attributes read:
-``park_until_readable``, ``park_timeout``, ``daemon_threads`` (the hub
-thread's), ``block_on_close``, ``accept_batch``, ``spare_greenlets``.
+``park_until_readable``, the limits (``park_timeout``, ``idle_timeout``,
+``write_timeout``, ``max_connection_age``, ``max_connections``: read as
+``serve_forever()`` starts), ``daemon_threads`` (the hub thread's),
+``block_on_close``, ``accept_batch``, ``spare_greenlets``,
+``hub_stall_warning``, ``to_thread_workers``.
 Accepting runs the one accept routine (``_accept``) on the hub's thread.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from netserve._errors import MissingExtraError
 from netserve._greensocket import GreenSocket
-from netserve._log import get_logger
+from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import drain
 from netserve._servers import TCPServer, UDPServer
 from netserve._stages import Connection, check_deadline
@@ -48,7 +60,7 @@ except ImportError as exc:  # the [green] extra is not installed
     Hub = current_hub = None  # type: ignore[assignment, misc]
 
 if TYPE_CHECKING:
-    from netserve._hub import Timer
+    from netserve._hub import Limits, Timer
 
     # Typed as a stream server so that mypy checks the hooks it calls; the
     # datagram servers derive from TCPServer too.
@@ -62,9 +74,13 @@ __all__ = [
     "GreenTCPServer",
     "GreenUDPServer",
     "green_sleep",
+    "to_thread",
 ]
 
 log = get_logger("hub")
+limits_log = get_logger("limits")
+
+_T = TypeVar("_T")
 
 
 def green_sleep(seconds: float) -> None:
@@ -76,11 +92,28 @@ def green_sleep(seconds: float) -> None:
         hub.sleep(seconds)
 
 
+def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """Call ``fn(*args, **kwargs)`` without stalling the hub; its result or exception.
+
+    In a handler on the hub, the handler's greenlet waits while one of the
+    server's worker threads (at most ``to_thread_workers`` at once, the rest
+    queued) runs the call, in a copy of the handler's context; the hub serves
+    the other connections meanwhile. Anywhere else, a plain call.
+    """
+    hub = None if current_hub is None else current_hub()
+    if hub is None or getcurrent() is hub.greenlet:
+        return fn(*args, **kwargs)
+    result: _T = hub.run_in_thread(fn, args, kwargs)
+    return result
+
+
 class _Starter:
     """A parked connection: it sits where the socket's reader would, and the
-    socket's first event starts the handler's greenlet."""
+    socket's first event starts the handler's greenlet. The park time-out is
+    the hub's sweep's (its first-byte limit, rule 6 of ``_hub``), which
+    switches here with an ``Expiry``."""
 
-    __slots__ = ("address", "server", "sock", "timer")
+    __slots__ = ("address", "server", "sock")
 
     def __init__(self, server: GreenMixIn, sock: GreenSocket, address: Any) -> None:
         # Parks the socket as it is made (once per connection, so one call).
@@ -89,17 +122,12 @@ class _Starter:
         self.address = address
         sock.hub_reader = self
         server._green_parked.add(sock)
-        timeout = server.park_timeout
-        self.timer: Timer | None = (
-            None
-            if timeout is None
-            else server._green_hub.call_later(timeout, server._green_park_expired, self)
-        )
 
-    def switch(self, *args: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+    def switch(self, expired: Any = None) -> None:
         server = self.server
+        if expired is not None:
+            server._green_park_expired(self)
+            return
         server._green_parked.discard(self.sock)
         server._green_hub.spawn(server._green_run, self.sock, self.address)
 
@@ -113,8 +141,33 @@ class GreenMixIn(_MixInBase):
     # something: an idle connection costs a socket, not a handler. Set False for
     # protocols where the server speaks first.
     park_until_readable: bool = True
-    # Close a parked connection that sent nothing for this long (None: never).
-    park_timeout: float | None = None
+    # The limits' safe defaults (issue 11; docs/limits.md states each and its
+    # reason). A greenlet per slow client is cheap, so the hub's connection
+    # bounds are ten times the pool's; the time-outs are the same.
+    # Close a connection that sent nothing for this long after its accept.
+    park_timeout: float | None = 30.0
+    # The longest wait for more bytes once a connection has spoken (per read).
+    idle_timeout: float | None = 120.0
+    # The longest a send may make no progress (a peer that does not read).
+    write_timeout: float | None = 60.0
+    # A connection is closed this long after its accept (None: never).
+    max_connection_age: float | None = None
+    # Stream connections open at once (parked or in a handler); at the limit
+    # the hub stops watching its listener, and the kernel's backlog holds the rest.
+    max_connections: int | None = 10000
+    # Stream connections open at once from one source host.
+    max_connections_per_client: int | None = 1000
+    # rfile.readline() without a size raises LineTooLong past this many bytes.
+    max_line_size: int | None = 65536
+    # A client's reset, broken pipe or too long a line is counted, not reported.
+    client_faults_are_errors: bool = False
+    # Log a handler that holds the hub's thread this long, with its stack
+    # (None: no watchdog). A tenth of a second is a long time for every other
+    # connection to wait, and far beyond any handler that only waits on its
+    # socket.
+    hub_stall_warning: float | None = 0.1
+    # Worker threads for netserve.to_thread(); calls beyond them queue.
+    to_thread_workers: int = 16
     # The hub thread is a daemon thread (the interpreter does not wait for it).
     daemon_threads: bool = False
     # server_close() waits for the running handlers to finish; otherwise it
@@ -133,7 +186,19 @@ class GreenMixIn(_MixInBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if Hub is None:
             raise MissingExtraError(type(self).__name__, "green", "greenlet")
-        self._green_hub = Hub(daemon=self.daemon_threads, max_spares=self.spare_greenlets)
+        self._green_hub = Hub(
+            daemon=self.daemon_threads,
+            max_spares=self.spare_greenlets,
+            stall_warning=self.hub_stall_warning,
+            thread_workers=self.to_thread_workers,
+        )
+        # The hub's wait limits for the connections of one serve_forever() (and
+        # of handle_request(), until then), read from the attributes as it starts.
+        self._green_limits: Limits | None = None
+        self._green_limits_read = False
+        # max_connections, while the hub accepts (None for datagram servers).
+        self._green_max_connections: int | None = None
+        self._green_accepting = False
         self._green_greenlets: set[Any] = set()
         self._green_parked: set[GreenSocket] = set()
         self._green_dgram: GreenSocket | None = None
@@ -158,6 +223,7 @@ class GreenMixIn(_MixInBase):
         # could fail the loop once clients hold them (issue 10). poll() needs none.
         waker = stop.enter_loop()
         hub = self._green_hub
+        hub.stall_warning = self.hub_stall_warning
         try:
             wait = select.poll()
             wait.register(waker.fileno(), select.POLLIN)
@@ -196,8 +262,23 @@ class GreenMixIn(_MixInBase):
         # Remembered: if server_close() runs while serving, fileno() is -1 by
         # the time the loop stops, and the hub must still forget this one.
         self._green_listener_fd = self.socket.fileno()
+        self._green_read_limits()
+        stream = self.socket_type == socket.SOCK_STREAM
+        self._green_max_connections = self.max_connections if stream else None
+        self._green_accepting = True
         hub.hold()
         self._green_watch_listener(None)
+
+    def _green_read_limits(self) -> Limits | None:
+        """The wait limits of the connections accepted from now on (rule 6 of _hub)."""
+        self._green_limits = self._green_hub.limits(
+            first=self.park_timeout,
+            idle=self.idle_timeout,
+            write=self.write_timeout,
+            age=self.max_connection_age,
+        )
+        self._green_limits_read = True
+        return self._green_limits
 
     def _green_watch_listener(self, _: object) -> None:
         self._green_resume = None
@@ -207,6 +288,7 @@ class GreenMixIn(_MixInBase):
 
     def _green_stop_accepting(self) -> None:
         hub = self._green_hub
+        self._green_accepting = False
         hub.release()
         if self._green_resume is not None:
             self._green_resume.cancel()
@@ -221,15 +303,55 @@ class GreenMixIn(_MixInBase):
 
     def _green_accept(self) -> None:
         # The one accept routine, in batches (the listener is non-blocking while
-        # serving; an empty backlog ends the batch).
+        # serving; an empty backlog ends the batch, and so does max_connections).
         pause = self._netserve_acceptor().accept(self._netserve_batch())
-        if pause is not None and self._netserve_watching:
+        if not self._netserve_watching:
+            return
+        if pause is not None:
             # The accept routine asks for a back-off: stop watching the listener
             # (it stays readable, and a level-triggered watch would spin).
             self._netserve_watching = False
             hub = self._green_hub
             hub.unwatch(self._green_listener_fd)
             self._green_resume = hub.call_later(pause, self._green_watch_listener, None)
+            return
+        limit = self._green_max_connections
+        if (
+            limit is not None
+            and self._netserve_table.active >= limit
+            and self._netserve_table.pause_at_limit(limit, self._green_below_limit)
+        ):
+            # Full: stop watching (the listener stays readable) until the table
+            # counts a connection out below the limit.
+            self._netserve_watching = False
+            self._green_hub.unwatch(self._green_listener_fd)
+            self._green_limit_log().event(
+                "accepting paused: %d connections open (max_connections)", limit
+            )
+
+    def _green_limit_log(self) -> RateLimitedLog:
+        logged: RateLimitedLog | None = vars(self).get("_netserve_limit_log")
+        if logged is None:
+            logged = self._netserve_limit_log = RateLimitedLog(
+                limits_log, logging.INFO, clock=self._netserve_table.clock
+            )
+        return logged
+
+    def _green_below_limit(self) -> None:
+        # Called once by the table, from the thread that counted a connection
+        # out: a greenlet's, on the hub (or handle_request()'s caller).
+        hub = self._green_hub
+        if hub.on_hub_thread():
+            self._green_resume_accepting()
+        else:
+            try:
+                hub.call_soon_threadsafe(self._green_resume_accepting)
+            except (RuntimeError, OSError):
+                pass  # the hub is closed (or cannot start): nothing to resume
+
+    def _green_resume_accepting(self) -> None:
+        if self._green_accepting and not self._netserve_watching and self._green_resume is None:
+            self._green_watch_listener(None)
 
     def _netserve_batch(self) -> int:
         # Datagrams too: on the hub the socket is non-blocking while serving.
@@ -252,6 +374,7 @@ class GreenMixIn(_MixInBase):
                 family=self.address_family,
                 kind=socket.SOCK_STREAM,
                 timeout=socket.getdefaulttimeout(),
+                limits=self._green_limits,
             )
         except BaseException:
             os.close(fd)
@@ -287,7 +410,14 @@ class GreenMixIn(_MixInBase):
                 accepted = request
                 if isinstance(request, socket.socket):
                     if not isinstance(request, GreenSocket):
-                        request = GreenSocket(hub, request)
+                        limits = (
+                            self._green_limits
+                            if self._green_limits_read
+                            else self._green_read_limits()
+                        )
+                        if request.type != socket.SOCK_STREAM:
+                            limits = None
+                        request = GreenSocket(hub, request, limits=limits)
                 elif isinstance(request, tuple) and request[1] is self.socket:
                     request = (request[0], self._green_datagram_socket())
                 if request is not accepted:
@@ -306,6 +436,10 @@ class GreenMixIn(_MixInBase):
     def _green_park_expired(self, starter: _Starter) -> None:
         if starter.sock in self._green_parked:
             self._green_park_timeouts += 1
+            limits_log.debug(
+                "connection from %s closed: it sent nothing in time (park_timeout)",
+                starter.address,
+            )
             self._netserve_table.time_out(starter.sock)
             self._green_unpark(starter.sock)
 

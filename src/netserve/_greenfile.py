@@ -14,6 +14,13 @@ trying a read that would fail, the steps of the socket's one read path
 non-blocking ones and datagram sockets read through ``socket.SocketIO`` as the
 stdlib's files do (``TimeoutError``, then "cannot read from timed out object";
 ``None`` when a non-blocking read would block).
+
+Lines are bounded (issue 11) by ``GreenReader.max_line_size`` (0: no bound;
+the server's ``max_line_size``, see ``_lines``): ``readline()`` without a size,
+or with a larger one, reads at most that many bytes of a line and raises
+``LineTooLong`` if no newline came among them. Those bytes are consumed, what
+follows stays unread, and the reader never holds more than the bound plus one
+receive, however long the line.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import operator
 import socket
 from typing import TYPE_CHECKING, Any
 
+from netserve._errors import LineTooLong
 from netserve._handlers import _SendallWriter
 
 if TYPE_CHECKING:
@@ -75,7 +83,7 @@ class GreenReader(io.BufferedIOBase):
 
     # Slots, not the instance dict: read on every read, and with thousands of
     # connections each dict lookup is likely a cache miss.
-    __slots__ = ("_buffer", "_line_size", "_pos", "_size", "raw")
+    __slots__ = ("_buffer", "_line_size", "_pos", "_size", "max_line_size", "raw")
     raw: GreenSocketIO | None  # None once detached
 
     def __init__(self, raw: GreenSocketIO, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> None:
@@ -86,6 +94,8 @@ class GreenReader(io.BufferedIOBase):
         self._pos = 0
         self._size = buffer_size
         self._line_size = min(buffer_size, _SMALL_READ)
+        # The bound on a line read without a size (0: none; see the module).
+        self.max_line_size = 0
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -116,6 +126,7 @@ class GreenReader(io.BufferedIOBase):
                 sock.hub_readable = sock.hub_hangup
             else:
                 sock.hub_readable = True  # a read spends a peek's mark
+            sock.hub_fresh = False  # the first-byte limit is spent (_greensocket)
             return data
 
     def _take(self, count: int) -> bytes:
@@ -149,6 +160,10 @@ class GreenReader(io.BufferedIOBase):
     def readline(self, size: Any = -1, /) -> bytes:
         if type(size) is not int:
             size = _size_argument(size)
+        limit = self.max_line_size
+        bounded = limit and (size < 0 or size > limit)
+        if bounded:
+            size = limit
         if not self._buffer:
             # Nothing buffered (then it is b"", see _take): the usual case
             # between requests.
@@ -165,7 +180,10 @@ class GreenReader(io.BufferedIOBase):
             if end == count and (size < 0 or end <= size):
                 return data  # exactly one line came: hand it over as it is
             self._buffer, self._pos = data, 0
-        return self._readline_buffered(size)
+        line = self._readline_buffered(size)
+        if bounded and len(line) == size and line[-1] != 10:  # no b"\n" in the bound
+            raise LineTooLong(f"a line went past max_line_size ({size} bytes)")
+        return line
 
     def _readline_buffered(self, size: int) -> bytes:
         chunks = []

@@ -27,6 +27,19 @@ Once the peer has hung up no edge will come: a peek then returns the same bytes
 at once, as a plain socket's would, but yields to the hub first so that the
 others are served meanwhile. The socket's timeout bounds the wait as it bounds
 a read's.
+
+Limits (issue 11)
+-----------------
+A socket made by a server carries the server's wait limits (``hub_limits``,
+rule 6 of ``_hub``): while it has no timeout of its own, each untimed wait is
+held to the first-byte limit (park_timeout) until the peer has sent something,
+to the idle limit after that, and each write wait to the write limit; every
+wait to the age limit. The hub's sweep enforces them: an expired wait raises
+``netserve.ConnectionTimeout``. A timeout the user sets (``settimeout``,
+``StreamRequestHandler.timeout``) replaces the read and write limits, with the
+stdlib's plain ``TimeoutError``; the age limit still holds. Reads clear
+``hub_fresh`` as they go (one store, no test), so that the first-byte limit
+ends with the first byte.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from netserve._greenfile import GreenReader, GreenSendallWriter, GreenSocketIO
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from netserve._hub import Hub, Waiter
+    from netserve._hub import Hub, Limits, Waiter
 
 __all__ = ["GreenSocket"]
 
@@ -74,6 +87,8 @@ class GreenSocket(socket.socket):
     kernel's interface on a registered socket (``_hub.HubSocket``);
     ``untimed_stream`` tells its files that a read may take the fast path (a
     stream socket without a timeout: the hint, then an untimed wait).
+    ``limits`` (the hub's ``Limits``, or None) are the server's time limits
+    for the connection's waits.
     """
 
     # StreamRequestHandler's wfile when wbufsize == 0.
@@ -83,9 +98,14 @@ class GreenSocket(socket.socket):
         "_green_timeout",
         "_stream",
         "hub",
+        "hub_born",
+        "hub_fresh",
         "hub_hangup",
+        "hub_limits",
+        "hub_read_since",
         "hub_readable",
         "hub_reader",
+        "hub_write_since",
         "hub_writer",
         "untimed_stream",
     )
@@ -103,6 +123,7 @@ class GreenSocket(socket.socket):
         kind: int = -1,
         proto: int = 0,
         timeout: float | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if sock is not None:
             timeout = sock.gettimeout()
@@ -120,6 +141,10 @@ class GreenSocket(socket.socket):
         # Unknown at first, so the first read tries at once (rule 2 of _hub).
         self.hub_readable: int = True
         self.hub_hangup = False
+        # Rule 6 of _hub: the limits, and the ticks they count from.
+        self.hub_limits = limits
+        self.hub_born = self.hub_read_since = self.hub_write_since = hub.tick
+        self.hub_fresh = True
         self._stream = kind == socket.SOCK_STREAM
         self._green_timeout = timeout
         self.untimed_stream = self._stream and timeout is None
@@ -184,6 +209,7 @@ class GreenSocket(socket.socket):
                 hub.wait_readable(self, deadline)
                 continue
             if self._stream:
+                self.hub_fresh = False  # the first-byte limit is spent
                 count = result if type(result) is int else len(result)
                 if peek:
                     if 0 < count < size:
@@ -330,6 +356,12 @@ class GreenSocket(socket.socket):
         text = io.TextIOWrapper(buffer, encoding, errors, newline)  # type: ignore[type-var]
         text.mode = mode  # type: ignore[misc]
         return text
+
+    def _netserve_line_reader(self, buffering: int, max_line_size: int) -> GreenReader:
+        """``rfile`` with lines bounded by ``max_line_size`` (see ``_lines``)."""
+        reader: GreenReader = self.makefile("rb", buffering if buffering != 0 else 1)
+        reader.max_line_size = max_line_size
+        return reader
 
     # -- closing -----------------------------------------------------------------------
 

@@ -42,15 +42,34 @@ and the deadlines of waits are times on it, and the loop's epoll timeout is the
 clock's distance to the next timer, in seconds. A test may pass a clock it
 advances itself, then wake the loop (any ``call_soon_threadsafe()``) so that
 the timers now due fire.
+
+Rule 6: the limits netserve enforces on a connection's waits (issue 11: the
+first byte, idle reads, writes that make no progress, the connection's age)
+cost no timer per wait. An untimed wait only notes when it began, as the
+hub's ``tick``; a sweep, every ``sweep_period`` seconds while greenlets are
+alive, counts one more tick and wakes every waiter whose wait (or socket) has
+lasted its limit, with ``ConnectionTimeout``. A limit of L seconds is
+``ceil(L / sweep_period) + 1`` ticks: since ticks are at least a period apart,
+a wait never expires before its limit, and at most a period after it. A wait
+with a deadline of its own (the socket's timeout, set by the user) is bounded
+by that deadline and the age limit only. Limits belong to a socket
+(``HubSocket.hub_limits``, made by ``limits()``), so one server's policy does
+not leak into another's.
+
+Rule 7: the loop counts its passes (``beat``: odd while it waits in epoll).
+That count is all the stall watchdog (``_watchdog``) needs to notice a handler
+that holds the thread; nothing is counted per switch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import errno
 import heapq
 import itertools
 import logging
+import math
 import select
 import socket
 import threading
@@ -61,9 +80,13 @@ from typing import Any, Protocol
 import greenlet
 from greenlet import getcurrent
 
+from netserve._errors import ConnectionTimeout
+from netserve._log import RateLimitedLog
 from netserve._loop import drain, poke
+from netserve._tothread import ThreadRunner
+from netserve._watchdog import StallWatchdog
 
-__all__ = ["Hub", "HubSocket", "Timer", "Waiter", "current_hub"]
+__all__ = ["Hub", "HubSocket", "Limits", "Timer", "Waiter", "current_hub"]
 
 log = logging.getLogger("netserve.hub")
 
@@ -82,6 +105,16 @@ _CLOSED = object()
 # Rebuild the timer heap once this many cancelled timers sit in it and they are
 # the majority: a per-read timeout cancels a timer on every read.
 _COMPACT_AFTER = 512
+# The start of a wait that has a deadline of its own (rule 6): later than any
+# tick, so that no wait limit counts it as overdue.
+_TIMED = 1 << 62
+# The sweep's period as a share of the smallest limit (rule 6): a limit is kept
+# to within an eighth of itself; and its bounds. Below 5 ms the sweep would
+# cost more than it saves; above 1 s a default limit would be kept loosely for
+# nothing (a sweep over 10,000 sockets takes a few milliseconds).
+_SWEEPS_PER_LIMIT = 8
+_MIN_SWEEP_PERIOD = 0.005
+_MAX_SWEEP_PERIOD = 1.0
 
 _local = threading.local()
 _get_ident = threading.get_ident
@@ -95,6 +128,8 @@ def current_hub() -> Hub | None:
 
 def _woken_by(outcome: object) -> BaseException:
     """The error for a wait that did not end with its edge."""
+    if type(outcome) is Expiry:
+        return ConnectionTimeout(outcome.message, outcome.setting)
     if outcome is _TIMEOUT:
         return TimeoutError("timed out")
     if outcome is _CLOSED:
@@ -108,6 +143,64 @@ class Waiter(Protocol):
     starter that creates one (a parked connection)."""
 
     def switch(self, *args: Any) -> Any: ...
+
+
+class Expiry:
+    """What the sweep wakes a waiter with when one of its limits ran out."""
+
+    __slots__ = ("message", "setting")
+
+    def __init__(self, message: str, setting: str) -> None:
+        self.message = message
+        self.setting = setting  # the server attribute that set the limit
+
+
+class Limits:
+    """A socket's wait limits (rule 6), in ticks of its hub's sweep (0: none).
+
+    ``first``: a read wait before the peer's first byte (the park time-out);
+    ``idle``: any later read wait; ``write``: a write wait (no progress);
+    ``age``: every wait, counted from the socket's registration. Made by
+    ``Hub.limits()``; one object is shared by every socket of a server.
+    """
+
+    __slots__ = (
+        "age",
+        "age_expiry",
+        "first",
+        "first_expiry",
+        "idle",
+        "idle_expiry",
+        "write",
+        "write_expiry",
+    )
+
+    def __init__(
+        self,
+        period: float,
+        first: float | None,
+        idle: float | None,
+        write: float | None,
+        age: float | None,
+    ) -> None:
+        self.first = _ticks(first, period)
+        self.idle = _ticks(idle, period)
+        self.write = _ticks(write, period)
+        self.age = _ticks(age, period)
+        self.first_expiry = Expiry(
+            f"the peer sent nothing in {first} s after connecting", "park_timeout"
+        )
+        self.idle_expiry = Expiry(f"the peer sent nothing for {idle} s", "idle_timeout")
+        self.write_expiry = Expiry(f"the peer read nothing for {write} s", "write_timeout")
+        self.age_expiry = Expiry(
+            f"the connection reached its maximum age ({age} s)", "max_connection_age"
+        )
+
+
+def _ticks(seconds: float | None, period: float) -> int:
+    if seconds is None:
+        return 0
+    return math.ceil(seconds / period) + 1
 
 
 class HubSocket(Protocol):
@@ -125,12 +218,24 @@ class HubSocket(Protocol):
     connection failed); from then on no edge will come.
     ``hub_reader``, ``hub_writer``: what to switch to (with None) on the next
     read or write edge; the loop clears the field before it switches.
+
+    The wait limits (rule 6): ``hub_limits`` (None: no limits), ``hub_born``
+    (the tick of its accept), ``hub_read_since``/``hub_write_since`` (the tick
+    at which the current wait began; written by the waits), ``hub_fresh``
+    (True until the peer's first byte: the socket clears it as it reads).
+    A waiter that is not a greenlet (a parked connection's starter) is held to
+    the first-byte and age limits, and switched with the ``Expiry``.
     """
 
     hub_readable: int
     hub_hangup: bool
     hub_reader: Waiter | None
     hub_writer: Waiter | None
+    hub_limits: Limits | None
+    hub_born: int
+    hub_read_since: int
+    hub_write_since: int
+    hub_fresh: bool
 
 
 class Timer:
@@ -159,7 +264,10 @@ class Hub:
     ``hold``/``release`` and ``active`` (what keeps the thread alive),
     ``watch``/``unwatch`` (level-triggered callbacks: a listener); sockets:
     ``register``, ``forget``, ``notify_closing`` (any thread), and the one wait,
-    ``wait_readable``/``wait_writable`` with a deadline on ``clock``.
+    ``wait_readable``/``wait_writable`` with a deadline on ``clock``, within
+    the socket's ``limits()`` (rule 6); ``run_in_thread`` (a blocking call on
+    one of at most ``thread_workers`` threads). ``stall_warning``: the
+    watchdog's threshold in seconds (None: no watchdog; rule 7).
     ``greenlet`` is the loop's greenlet while the thread runs (None otherwise):
     a waiting greenlet switches to it.
     """
@@ -171,11 +279,27 @@ class Hub:
         daemon: bool = False,
         max_spares: int = 128,
         clock: Callable[[], float] = time.monotonic,
+        stall_warning: float | None = None,
+        thread_workers: int = 16,
     ) -> None:
         self.name = name
         self.daemon = daemon
         # Rule 5: timers and deadlines are times on this clock, in seconds.
         self.clock = clock
+        # Rule 6: the sweep (set by the first limits(); None: no sweep).
+        self.tick = 0
+        self.sweep_period: float | None = None
+        self._sweep_at = 0.0
+        # Rule 7: the loop's passes, and the watchdog of the running thread.
+        self.beat = 0
+        self.stall_warning = stall_warning
+        self.watchdog_asleep = False
+        self._watchdog: StallWatchdog | None = None
+        self._watchdogs: list[threading.Thread] = []
+        self._stall_log = RateLimitedLog(log, logging.WARNING)
+        # Blocking calls (run_in_thread), made on first use.
+        self.thread_workers = thread_workers
+        self._runner: ThreadRunner | None = None
         self.sockets: dict[int, HubSocket] = {}
         self.greenlet: greenlet.greenlet | None = None
         self.active = 0  # handler greenlets alive
@@ -257,13 +381,21 @@ class Hub:
         self._holds -= 1
 
     def close(self) -> None:
-        """Refuse new work and wait for the thread to end (on its own, once idle)."""
+        """Refuse new work and wait for the thread to end (on its own, once idle),
+        then for the threads of ``run_in_thread`` and the watchdog."""
         with self._lock:
             self._closing = True
             threads = [t for t in (self._thread, self._ended_thread) if t is not None]
             if self._thread is not None and self._wake_w is not None:
                 poke(self._wake_w)
         for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        if self._runner is not None:
+            self._runner.close()
+        with self._lock:
+            watchdogs, self._watchdogs = self._watchdogs, []
+        for thread in watchdogs:
             if thread is not threading.current_thread():
                 thread.join()
 
@@ -301,6 +433,8 @@ class Hub:
         self._ident = threading.get_ident()
         _local.hub = self
         self.greenlet = greenlet.getcurrent()
+        if self.stall_warning is not None:
+            self._start_watchdog(self._ident)
         # This thread's spares: once the loop has torn down, the next thread
         # (started by a call meanwhile) may already fill self._spares with its own.
         spares = self._spares
@@ -329,6 +463,24 @@ class Hub:
         self._thread = None
         self._ident = None
         self.greenlet = None
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    def _start_watchdog(self, ident: int) -> None:
+        watchdog = StallWatchdog(self, ident, self._stall_log)
+        with self._lock:
+            # Those of ended runs are joined here or by close().
+            self._watchdogs = [t for t in self._watchdogs if t.is_alive()]
+            self._watchdogs.append(watchdog.thread)
+        try:
+            watchdog.start()
+        except RuntimeError:  # no thread to be had: serve without a watchdog
+            with self._lock:
+                self._watchdogs.remove(watchdog.thread)
+            log.warning("the hub's stall watchdog could not start", exc_info=True)
+            return
+        self._watchdog = watchdog
 
     def _idle(self) -> bool:
         return (
@@ -452,9 +604,76 @@ class Hub:
         while timers and not timers[0][2].active:
             heapq.heappop(timers)
             self._cancelled_timers -= 1
-        if not timers:
+        due = timers[0][0] if timers else None
+        if self.active and self.sweep_period is not None:
+            due = self._sweep_at if due is None else min(due, self._sweep_at)
+        if due is None:
             return -1.0
-        return max(0.0, timers[0][0] - self.clock())
+        return max(0.0, due - self.clock())
+
+    # -- wait limits (rule 6) ------------------------------------------------------------
+
+    def limits(
+        self,
+        *,
+        first: float | None = None,
+        idle: float | None = None,
+        write: float | None = None,
+        age: float | None = None,
+    ) -> Limits | None:
+        """The wait limits for a socket to carry (``hub_limits``), in seconds
+        (None: no such limit); None if there are none at all.
+
+        The first call sets the sweep's period from its smallest limit; later
+        ones keep it (a smaller one lowers it only while no greenlet is alive,
+        since the sockets alive carry limits counted in the old period).
+        """
+        given = [t for t in (first, idle, write, age) if t is not None]
+        if not given:
+            return None
+        wanted = min(_MAX_SWEEP_PERIOD, max(_MIN_SWEEP_PERIOD, min(given) / _SWEEPS_PER_LIMIT))
+        if self.sweep_period is None or (wanted < self.sweep_period and not self.active):
+            self.sweep_period = wanted
+        return Limits(self.sweep_period, first, idle, write, age)
+
+    def _sweep(self, now: float) -> None:
+        """Wake, with its Expiry, every waiter whose limit ran out (rule 6)."""
+        assert self.sweep_period is not None
+        self.tick = tick = self.tick + 1
+        self._sweep_at = now + self.sweep_period
+        # Scheduled, not switched to: a greenlet switched to here could close a
+        # socket, and the loop below walks the sockets.
+        schedule = self._ready.append
+        outcome: Expiry | None
+        for sock in self.sockets.values():
+            limits = sock.hub_limits
+            if limits is None:
+                continue
+            over_age = limits.age and tick - sock.hub_born >= limits.age
+            waiter = sock.hub_reader
+            if waiter is not None:
+                waited = tick - sock.hub_read_since
+                outcome = None
+                if over_age:
+                    outcome = limits.age_expiry
+                elif sock.hub_fresh or not isinstance(waiter, greenlet.greenlet):
+                    if limits.first and waited >= limits.first:
+                        outcome = limits.first_expiry
+                elif limits.idle and waited >= limits.idle:
+                    outcome = limits.idle_expiry
+                if outcome is not None:
+                    sock.hub_reader = None
+                    schedule((waiter, outcome))
+            waiter = sock.hub_writer
+            if waiter is not None:
+                if over_age:
+                    outcome = limits.age_expiry
+                elif limits.write and tick - sock.hub_write_since >= limits.write:
+                    outcome = limits.write_expiry
+                else:
+                    continue
+                sock.hub_writer = None
+                schedule((waiter, outcome))
 
     def _loop(self) -> None:
         assert self._epoll is not None
@@ -481,7 +700,13 @@ class Hub:
                         # starts a fresh thread instead of queueing to this one.
                         self._teardown_locked()
                         return
-            for fd, events in poll(self._next_timeout()):
+            self.beat += 1  # odd: in the poll (rule 7)
+            polled = poll(self._next_timeout())
+            self.beat += 1
+            if self.watchdog_asleep:
+                self.watchdog_asleep = False
+                self._wake_watchdog()
+            for fd, events in polled:
                 sock = sockets.get(fd)
                 if sock is None:
                     callback = special.get(fd)
@@ -504,6 +729,15 @@ class Hub:
                         waiter.switch(None)
             if self._timers:
                 self._fire_timers()
+            if self.active and self.sweep_period is not None:
+                now = self.clock()
+                if now >= self._sweep_at:
+                    self._sweep(now)
+
+    def _wake_watchdog(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.wake()
 
     # -- waiting, from a handler greenlet ------------------------------------------------
 
@@ -520,8 +754,10 @@ class Hub:
         current = getcurrent()
         hub_greenlet = self.greenlet
         if deadline is None and hub_greenlet is not None:
-            # The common case (an untimed read, rfile's), without a timer.
+            # The common case (an untimed read, rfile's), without a timer; its
+            # limits are the sweep's (rule 6).
             sock.hub_reader = current
+            sock.hub_read_since = self.tick
             try:
                 outcome = hub_greenlet.switch()
             finally:
@@ -538,6 +774,7 @@ class Hub:
         hub_greenlet = self.greenlet
         if deadline is None and hub_greenlet is not None:
             sock.hub_writer = current
+            sock.hub_write_since = self.tick
             try:
                 outcome = hub_greenlet.switch()
             finally:
@@ -555,10 +792,13 @@ class Hub:
             raise RuntimeError(
                 "a cooperative socket must be used from a handler greenlet on its hub"
             )
+        # Held to its own deadline and the age limit only (rule 6).
         if write:
             sock.hub_writer = current
+            sock.hub_write_since = _TIMED
         else:
             sock.hub_reader = current
+            sock.hub_read_since = _TIMED
         timer = None if deadline is None else self.call_at(deadline, self._expire, (sock, write))
         try:
             return hub_greenlet.switch()
@@ -596,6 +836,94 @@ class Hub:
             self.greenlet.switch()
         finally:
             timer.cancel()
+
+    # -- blocking calls, from a handler greenlet -------------------------------------------
+
+    def run_in_thread(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker thread, in a copy of the calling
+        greenlet's context, while the hub serves the others; return its result
+        or raise its exception. From a handler greenlet on the hub's thread.
+
+        At most ``thread_workers`` calls run at once; more wait their turn. The
+        greenlet counts as active meanwhile, so the hub's thread (and
+        ``close()``) waits for it. A greenlet ended while it waits (GreenletExit)
+        leaves the call to finish on its own; its outcome is dropped.
+        """
+        current = getcurrent()
+        hub_greenlet = self.greenlet
+        if hub_greenlet is None or current is hub_greenlet:
+            raise RuntimeError("run_in_thread() must be called from a greenlet on the hub")
+        runner = self._runner
+        if runner is None:
+            runner = self._runner = ThreadRunner(self.thread_workers, f"{self.name}-to-thread")
+        call = _ThreadCall(self, current, fn, args, kwargs)
+        runner.submit(call.run)
+        self.active += 1
+        try:
+            # Only the call's completion switches back with the call itself.
+            while hub_greenlet.switch() is not call:
+                pass
+        finally:
+            self.active -= 1
+            call.waiter = None
+        return call.outcome()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        """``call_soon_threadsafe`` for the kernel's own threads: accepted while
+        the thread runs, closing or not; dropped if it has ended (a greenlet
+        waiting for it would have kept it alive, so nobody waits)."""
+        with self._lock:
+            if self._thread is None or self._wake_w is None:
+                return
+            self._calls.append(fn)
+            poke(self._wake_w)
+
+
+class _ThreadCall:
+    """One ``run_in_thread()`` call: run on a worker, completed on the hub."""
+
+    __slots__ = ("args", "context", "error", "fn", "hub", "kwargs", "result", "waiter")
+
+    def __init__(
+        self, hub: Hub, waiter: greenlet.greenlet, fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        self.hub = hub
+        self.waiter: greenlet.greenlet | None = waiter
+        self.context = contextvars.copy_context()  # the greenlet's, as it calls
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """On a worker thread."""
+        if self.waiter is not None:  # not abandoned while it was queued
+            assert self.fn is not None
+            try:
+                self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+            except BaseException as exc:  # re-raised in the greenlet
+                self.error = exc
+        self.fn = self.args = self.kwargs = None
+        self.hub._post(self._complete)
+
+    def _complete(self) -> None:
+        """On the hub's thread."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.hub.schedule(waiter, self)
+
+    def outcome(self) -> Any:
+        error = self.error
+        if error is not None:
+            self.error = None  # no cycle through the traceback
+            try:
+                raise error
+            finally:
+                del error
+        result = self.result
+        self.result = None
+        return result
 
 
 def _end_spares(spares: list[greenlet.greenlet]) -> None:
