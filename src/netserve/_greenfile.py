@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import operator
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from netserve._errors import LineTooLong
@@ -83,7 +84,7 @@ class GreenReader(io.BufferedIOBase):
 
     # Slots, not the instance dict: read on every read, and with thousands of
     # connections each dict lookup is likely a cache miss.
-    __slots__ = ("_buffer", "_line_size", "_pos", "_size", "max_line_size", "raw")
+    __slots__ = ("_buffer", "_line_cap", "_line_size", "_max_line", "_pos", "_size", "raw")
     raw: GreenSocketIO | None  # None once detached
 
     def __init__(self, raw: GreenSocketIO, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> None:
@@ -94,8 +95,19 @@ class GreenReader(io.BufferedIOBase):
         self._pos = 0
         self._size = buffer_size
         self._line_size = min(buffer_size, _SMALL_READ)
-        # The bound on a line read without a size (0: none; see the module).
-        self.max_line_size = 0
+        self._max_line = 0
+        # The longest line readline()'s fast path may hand over as it came.
+        self._line_cap = sys.maxsize
+
+    @property
+    def max_line_size(self) -> int:
+        """The bound on a line read without a size (0: none; see the module)."""
+        return self._max_line
+
+    @max_line_size.setter
+    def max_line_size(self, limit: int) -> None:
+        self._max_line = limit
+        self._line_cap = limit or sys.maxsize
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -160,10 +172,6 @@ class GreenReader(io.BufferedIOBase):
     def readline(self, size: Any = -1, /) -> bytes:
         if type(size) is not int:
             size = _size_argument(size)
-        limit = self.max_line_size
-        bounded = limit and (size < 0 or size > limit)
-        if bounded:
-            size = limit
         if not self._buffer:
             # Nothing buffered (then it is b"", see _take): the usual case
             # between requests.
@@ -177,13 +185,16 @@ class GreenReader(io.BufferedIOBase):
             # Short lines: small reads (see _SMALL_READ); one that fills a small
             # read says the peer sends more at a time: full-size reads again.
             self._line_size = _SMALL_READ if count < _SMALL_READ <= self._size else self._size
-            if end == count and (size < 0 or end <= size):
+            if end == count and end <= self._line_cap and (size < 0 or end <= size):
                 return data  # exactly one line came: hand it over as it is
             self._buffer, self._pos = data, 0
-        line = self._readline_buffered(size)
-        if bounded and len(line) == size and line[-1] != 10:  # no b"\n" in the bound
-            raise LineTooLong(f"a line went past max_line_size ({size} bytes)")
-        return line
+        limit = self._max_line
+        if limit and (size < 0 or size > limit):
+            line = self._readline_buffered(limit)
+            if len(line) == limit and line[-1] != 10:  # no b"\n" within the bound
+                raise LineTooLong(f"a line went past max_line_size ({limit} bytes)")
+            return line
+        return self._readline_buffered(size)
 
     def _readline_buffered(self, size: int) -> bytes:
         chunks = []

@@ -358,8 +358,15 @@ class GreenSocket(socket.socket):
         return text
 
     def _netserve_line_reader(self, buffering: int, max_line_size: int) -> GreenReader:
-        """``rfile`` with lines bounded by ``max_line_size`` (see ``_lines``)."""
-        reader: GreenReader = self.makefile("rb", buffering if buffering != 0 else 1)
+        """``rfile`` with lines bounded by ``max_line_size`` (see ``_lines``):
+        ``makefile("rb", buffering)``'s reader, made directly (once per
+        connection). Unbuffered (0), it reads a byte at a time, as the
+        stdlib's unbuffered rfile does."""
+        raw = GreenSocketIO(self, "rb")
+        self._io_refs += 1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        reader = GreenReader(raw, buffering or 1)
         reader.max_line_size = max_line_size
         return reader
 
