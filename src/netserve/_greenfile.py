@@ -87,7 +87,9 @@ class GreenReader(io.BufferedIOBase):
     __slots__ = ("_buffer", "_line_cap", "_line_size", "_max_line", "_pos", "_size", "raw")
     raw: GreenSocketIO | None  # None once detached
 
-    def __init__(self, raw: GreenSocketIO, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> None:
+    def __init__(
+        self, raw: GreenSocketIO, buffer_size: int = io.DEFAULT_BUFFER_SIZE, max_line_size: int = 0
+    ) -> None:
         if buffer_size <= 0:
             raise ValueError("buffer size must be strictly positive")
         self.raw = raw
@@ -95,9 +97,9 @@ class GreenReader(io.BufferedIOBase):
         self._pos = 0
         self._size = buffer_size
         self._line_size = min(buffer_size, _SMALL_READ)
-        self._max_line = 0
+        self._max_line = max_line_size
         # The longest line readline()'s fast path may hand over as it came.
-        self._line_cap = sys.maxsize
+        self._line_cap = max_line_size or sys.maxsize
 
     @property
     def max_line_size(self) -> int:

@@ -366,9 +366,7 @@ class GreenSocket(socket.socket):
         self._io_refs += 1
         if buffering < 0:
             buffering = io.DEFAULT_BUFFER_SIZE
-        reader = GreenReader(raw, buffering or 1)
-        reader.max_line_size = max_line_size
-        return reader
+        return GreenReader(raw, buffering or 1, max_line_size)
 
     # -- closing -----------------------------------------------------------------------
 

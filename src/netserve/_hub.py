@@ -290,6 +290,7 @@ class Hub:
         self.tick = 0
         self.sweep_period: float | None = None
         self._sweep_at = 0.0
+        self._now = 0.0  # the clock as the last pass (while sweeping) began
         # Rule 7: the loop's passes, and the watchdog of the running thread.
         self.beat = 0
         self.stall_warning = stall_warning
@@ -604,12 +605,19 @@ class Hub:
         while timers and not timers[0][2].active:
             heapq.heappop(timers)
             self._cancelled_timers -= 1
-        due = timers[0][0] if timers else None
-        if self.active and self.sweep_period is not None:
-            due = self._sweep_at if due is None else min(due, self._sweep_at)
-        if due is None:
+        sweeping = self.active and self.sweep_period is not None
+        if timers:
+            due = timers[0][0]
+            if sweeping and self._sweep_at < due:
+                due = self._sweep_at
+            timeout = due - self.clock()
+        elif sweeping:
+            # From the time the last pass began, without asking the clock: the
+            # sweep may come late by a pass, never early (rule 6).
+            timeout = self._sweep_at - self._now
+        else:
             return -1.0
-        return max(0.0, due - self.clock())
+        return timeout if timeout > 0.0 else 0.0
 
     # -- wait limits (rule 6) ------------------------------------------------------------
 
@@ -730,7 +738,7 @@ class Hub:
             if self._timers:
                 self._fire_timers()
             if self.active and self.sweep_period is not None:
-                now = self.clock()
+                now = self._now = self.clock()
                 if now >= self._sweep_at:
                     self._sweep(now)
 
