@@ -214,7 +214,11 @@ def test_handler_system_exit_is_reported_and_the_hub_carries_on(
             assert client.recv(100) == b"alive\n"
     assert excepthook_calls == [SystemExit]
     assert server.statistics().errors == 1
-    warnings = [r for r in caplog.records if r.name == "netserve.hub"]
+    # (The stall watchdog logs through netserve.hub too, should a loaded
+    # machine hold a pass past its threshold: only the escape is counted here.)
+    warnings = [
+        r for r in caplog.records if r.name == "netserve.hub" and "raised" in r.getMessage()
+    ]
     assert [r.levelno for r in warnings] == [logging.WARNING]
 
 

@@ -276,6 +276,29 @@ def test_a_line_past_max_line_size_raises_line_too_long_having_consumed_the_limi
     assert (stats.lines_too_long, stats.handled, stats.errors) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("rbufsize", [-1, 0], ids=["buffered", "unbuffered"])
+def test_the_line_bound_within_one_receive(rbufsize: int) -> None:
+    seen: list[Any] = []
+
+    class Handler(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            seen.append(self.rfile.readline())  # 8 bytes with its newline: fine
+            try:
+                self.rfile.readline()
+            except netserve.LineTooLong:
+                seen.append("too long")
+            seen.append(self.rfile.read(1))  # the ninth byte is still there
+            seen.append(self.rfile.readline())
+            self.wfile.write(b"done\n")
+
+    Handler.rbufsize = rbufsize
+    server = server_of(Handler, max_line_size=8)
+    with Serving(server) as serving, connect(serving.address) as client:
+        client.sendall(b"1234567\n12345678\nabc\n")  # all of it in one receive
+        assert client.recv(100) == b"done\n"
+    assert seen == [b"1234567\n", "too long", b"\n", b"abc\n"]
+
+
 # -- max_connections -----------------------------------------------------------------------
 
 
