@@ -469,6 +469,8 @@ class ThreadPoolMixIn(_MixInBase):
         """Every worker is busy and the queue is full: new connections wait in the
         kernel's backlog, and a user should hear of it (issue 11)."""
         pool = self._netserve_pool_state
+        if pool.busy < pool.max_workers:
+            return  # a worker woken for the queue's head has not taken it yet
         self._netserve_saturation_log.event(
             "pool saturated: %d of %d workers busy, %d queued (queue_size %d), %d parked; "
             "new connections wait in the backlog",
