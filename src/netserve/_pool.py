@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from netserve._connections import ServerStatistics
 from netserve._errors import ConnectionTimeout, StageError
+from netserve._limits import Timeouts
 from netserve._log import RateLimitedLog, get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._stages import DONE, WRITE, Connection, Stage, advance_stages, check_deadline
@@ -292,6 +293,15 @@ class ThreadPoolMixIn(_MixInBase):
         self._netserve_saturation_log = RateLimitedLog(
             log, logging.WARNING, clock=self._netserve_table.clock
         )
+
+    def _netserve_timeouts(self) -> Timeouts:
+        park, idle, write, age = super()._netserve_timeouts()
+        # A parked connection's park time-out is the loop's (it reaches a
+        # worker once it has spoken): its socket waits with the idle one only,
+        # and the kernel's time-out never has to change.
+        if self.park_until_readable:
+            park = idle
+        return (park, idle, write, age)
 
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's state."""
