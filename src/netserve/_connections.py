@@ -205,9 +205,19 @@ class ConnectionTable:
                 self._count_locked(outcome)
             else:
                 self.handled += 1
-            wake = self._leave_locked(request)
-        if wake is not None:
-            wake()
+            # _leave_locked(), without its two calls: this runs for every request.
+            key = id(request)
+            self._live.pop(key, None)
+            if self._host_of:
+                self._forget_host_locked(key)
+            active = len(self._live) + self._detached
+            if not active:
+                self._changed.notify_all()
+            wake = self._limit_wake
+            if wake is None or active >= self._paused_at:
+                return
+            self._limit_wake = None
+        wake()
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler (refused by

@@ -64,7 +64,8 @@ class ForkingMixIn(_MixInBase):
         # __init__ signature stays as it is).
         held: dict[int, int] | None = vars(self).get("_netserve_child_requests")
         if held is None:
-            held = self._netserve_child_requests = {}
+            held = {}
+            self._netserve_child_requests = held
         return held
 
     def _netserve_child_exited(self, pid: int, exitcode: int) -> None:

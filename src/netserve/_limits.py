@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Buffer
     from _typeshed import WriteableBuffer
 
-__all__ = ["TimedSocket", "accept_timed", "fault_of", "timeouts_of"]
+__all__ = ["AgedSocket", "TimedSocket", "Timeouts", "accept_timed", "fault_of"]
+
+#: (park, idle, write, age): a new connection's time-outs, in seconds or None.
+Timeouts = tuple[float | None, float | None, float | None, float | None]
 
 # struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it (time_t, suseconds_t).
 _TIMEVAL = struct.Struct("@ll")
@@ -58,16 +61,6 @@ def _timeval(seconds: float | None) -> bytes:
     micros = int((seconds - whole) * 1_000_000)
     # A zero timeval means "never": the shortest real time-out is 1 us.
     return _TIMEVAL.pack(whole, max(micros, 1) if whole == 0 else micros)
-
-
-def timeouts_of(server: Any) -> tuple[float | None, float | None, float | None, float | None]:
-    """The server's (park, idle, write, age) time-outs for a new connection."""
-    return (
-        server.park_timeout,
-        server.idle_timeout,
-        server.write_timeout,
-        server.max_connection_age,
-    )
 
 
 def fault_of(exc: BaseException) -> int:
@@ -133,7 +126,7 @@ class TimedSocket(socket.socket):
     def _ns_bound(self, option: int, limit: float | None) -> None:
         """Bound the next wait by the age limit too (only while one is set)."""
         deadline = self._ns_deadline
-        if deadline is None or super().gettimeout() is not None:
+        if deadline is None or self.gettimeout() is not None:
             return
         remaining = deadline - self._ns_clock()
         if remaining <= 0:
@@ -164,12 +157,12 @@ class TimedSocket(socket.socket):
         return super().gettimeout() is None and not flags & _DONTWAIT
 
     # -- reading -------------------------------------------------------------------------
+    # These run for every read and write of a handler: the base class's C methods
+    # are called directly (no super() object), and the age limit is a subclass's.
 
     def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
-        if self._ns_deadline is not None:
-            self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
         try:
-            data = super().recv(bufsize, flags)
+            data = _recv(self, bufsize, flags)
         except BlockingIOError:
             if self._ns_timed_out(flags):
                 raise self._ns_expired(False) from None
@@ -179,10 +172,8 @@ class TimedSocket(socket.socket):
         return data
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
-        if self._ns_deadline is not None:
-            self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
         try:
-            count = super().recv_into(buffer, nbytes, flags)
+            count = _recv_into(self, buffer, nbytes, flags)
         except BlockingIOError:
             if self._ns_timed_out(flags):
                 raise self._ns_expired(False) from None
@@ -194,36 +185,61 @@ class TimedSocket(socket.socket):
     # -- writing -------------------------------------------------------------------------
 
     def send(self, data: Buffer, flags: int = 0, /) -> int:
-        if self._ns_deadline is not None:
-            self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
         try:
-            return super().send(data, flags)
+            return _send(self, data, flags)
         except BlockingIOError:
             if self._ns_timed_out(flags):
                 raise self._ns_expired(True) from None
             raise
 
     def sendall(self, data: Buffer, flags: int = 0, /) -> None:
-        if self._ns_deadline is not None:
-            self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
         try:
-            super().sendall(data, flags)
+            _sendall(self, data, flags)
         except BlockingIOError:
             if self._ns_timed_out(flags):
                 raise self._ns_expired(True) from None
             raise
 
 
+class AgedSocket(TimedSocket):
+    """A ``TimedSocket`` whose every wait is also bounded by the connection's age."""
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
+        return TimedSocket.recv(self, bufsize, flags)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
+        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
+        return TimedSocket.recv_into(self, buffer, nbytes, flags)
+
+    def send(self, data: Buffer, flags: int = 0, /) -> int:
+        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
+        return TimedSocket.send(self, data, flags)
+
+    def sendall(self, data: Buffer, flags: int = 0, /) -> None:
+        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
+        TimedSocket.sendall(self, data, flags)
+
+
+_recv = socket.socket.recv
+_recv_into = socket.socket.recv_into
+_send = socket.socket.send
+_sendall = socket.socket.sendall
+
+
 def accept_timed(
     listener: socket.socket,
-    timeouts: tuple[float | None, float | None, float | None, float | None],
+    timeouts: Timeouts,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[TimedSocket, Any]:
     """Accept one connection as a ``TimedSocket`` armed with ``timeouts``
     (park, idle, write, age), blocking as ``socket.accept()`` leaves it."""
     fd, address = listener._accept()  # type: ignore[attr-defined]
+    kind = TimedSocket if timeouts[3] is None else AgedSocket
     try:
-        sock = TimedSocket(listener.family, listener.type, listener.proto, fileno=fd)
+        sock = kind(listener.family, listener.type, listener.proto, fileno=fd)
     except BaseException:
         socket.close(fd)
         raise

@@ -31,19 +31,25 @@ class _LineBoundedReader(io.BufferedReader):
         self.max_line_size = limit
 
     def readline(self, size: int | None = -1, /) -> bytes:
+        # Runs for every line a handler reads: the C method is called directly.
         limit = self.max_line_size
         if size is not None and 0 <= size <= limit:
-            return super().readline(size)
-        line = super().readline(limit)
-        if len(line) >= limit and not line.endswith(b"\n"):
+            return _readline(self, size)
+        line = _readline(self, limit)
+        if len(line) == limit and line[-1] != 10:  # b"\n"
             raise LineTooLong(f"a line went past max_line_size ({limit} bytes)")
         return line
+
+
+_readline = io.BufferedReader.readline
 
 
 def open_reader(conn: Any, bufsize: int, limit: int | None) -> Any:
     """``conn.makefile("rb", bufsize)``, with lines bounded by ``limit`` (if any)."""
     if limit is None:
         return conn.makefile("rb", bufsize)
+    if limit < 1:
+        raise ValueError(f"max_line_size must be a positive number of bytes, not {limit!r}")
     # A socket class with its own reader (GreenSocket) bounds its lines itself.
     # Looked up on the class: a wrapper that forwards attributes (a stage's
     # PrefixedSocket) must not hand out its socket's reader, which would skip

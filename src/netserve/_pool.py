@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from netserve._connections import ServerStatistics
 from netserve._errors import ConnectionTimeout, StageError
+from netserve._limits import Timeouts
 from netserve._log import RateLimitedLog, get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._stages import DONE, WRITE, Connection, Stage, advance_stages, check_deadline
@@ -293,6 +294,15 @@ class ThreadPoolMixIn(_MixInBase):
             log, logging.WARNING, clock=self._netserve_table.clock
         )
 
+    def _netserve_timeouts(self) -> Timeouts:
+        park, idle, write, age = super()._netserve_timeouts()
+        # A parked connection's park time-out is the loop's (it reaches a
+        # worker once it has spoken): its socket waits with the idle one only,
+        # and the kernel's time-out never has to change.
+        if self.park_until_readable:
+            park = idle
+        return (park, idle, write, age)
+
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's state."""
         pool = self._netserve_pool_state
@@ -469,6 +479,8 @@ class ThreadPoolMixIn(_MixInBase):
         """Every worker is busy and the queue is full: new connections wait in the
         kernel's backlog, and a user should hear of it (issue 11)."""
         pool = self._netserve_pool_state
+        if pool.busy < pool.max_workers:
+            return  # a worker woken for the queue's head has not taken it yet
         self._netserve_saturation_log.event(
             "pool saturated: %d of %d workers busy, %d queued (queue_size %d), %d parked; "
             "new connections wait in the backlog",

@@ -55,7 +55,7 @@ from netserve._connections import (
     ServerStatistics,
 )
 from netserve._errors import StageError
-from netserve._limits import accept_timed, fault_of, timeouts_of
+from netserve._limits import Timeouts, accept_timed, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
 from netserve._stages import Connection, Stage, check_deadline, run_stages
@@ -323,6 +323,10 @@ class BaseServer:
             )
         limited.event("accepting paused: %d connections open (max_connections)", limit)
         return False
+
+    def _netserve_timeouts(self) -> Timeouts:
+        """(park, idle, write, age) for a new connection's socket (see _limits)."""
+        return (self.park_timeout, self.idle_timeout, self.write_timeout, self.max_connection_age)
 
     def _netserve_stream(self) -> bool:
         sock: socket.socket | None = getattr(self, "socket", None)
@@ -668,7 +672,7 @@ class TCPServer(BaseServer):
 
     def get_request(self) -> tuple[Any, _Address]:
         """Accept one connection (with netserve's time-outs, when any is set)."""
-        timeouts = timeouts_of(self)
+        timeouts = self._netserve_timeouts()
         if timeouts == _NO_TIMEOUTS:
             return self.socket.accept()
         return accept_timed(self.socket, timeouts, self._netserve_table.clock)
