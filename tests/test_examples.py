@@ -169,7 +169,7 @@ def test_logging_setup_example() -> None:
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/lifecycle.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/lifecycle.md", "docs/limits.md"])
 def test_code_shown_in_the_docs_is_an_example(page: str) -> None:
     # Every Python block of the page is a verbatim part of an example file,
     # so the tests above run it.
