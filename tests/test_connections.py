@@ -152,7 +152,7 @@ def test_table_counts_from_many_threads_without_losing_any() -> None:
         for _ in range(rounds):
             request = object()
             table.accept(request)
-            table.finish(request, error=False)
+            table.finish(request)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
@@ -172,7 +172,7 @@ def test_table_counts_accepted_as_every_exit_plus_the_active() -> None:
     handled, refused, timed_out, stage_failed, child = (object() for _ in range(5))
     for request in (handled, refused, timed_out, stage_failed, child):
         table.accept(request)
-    table.finish(handled, error=False)
+    table.finish(handled)
     table.refuse(refused)
     table.time_out(timed_out)
     table.stage_failed(stage_failed, timed_out=False)
@@ -187,6 +187,9 @@ def test_table_counts_accepted_as_every_exit_plus_the_active() -> None:
         "timeouts": 1,
         "stage_failures": 1,
         "accept_errors": 0,
+        "disconnects": 0,
+        "lines_too_long": 0,
+        "limited": 0,
         "active": 1,
     }
     table.finish_detached(HANDLED)

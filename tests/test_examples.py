@@ -177,3 +177,9 @@ def test_code_shown_in_the_docs_is_an_example(page: str) -> None:
     sources = [path.read_text() for path in EXAMPLES.glob("*.py")]
     for block in PYTHON_BLOCK.findall(text):
         assert any(block in source for source in sources), block
+
+
+def test_limits_example() -> None:
+    assert run_example("limits.py") == (
+        "echo: hello\nbye (idle_timeout)\nline too long\nhandled 1, timeouts 1\n"
+    )

@@ -13,6 +13,7 @@ from netserve._connections import ServerStatistics
 from netserve._errors import (
     AddressError,
     ConnectionTimeout,
+    LineTooLong,
     MissingExtraError,
     NetserveError,
     NetserveWarning,
@@ -107,6 +108,7 @@ __all__ += [
     # netserve's own: errors and warnings.
     "AddressError",
     "ConnectionTimeout",
+    "LineTooLong",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",

@@ -35,8 +35,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING
+import socket
+from typing import TYPE_CHECKING, Any
 
+from netserve._connections import client_host
 from netserve._log import RateLimitedLog, get_logger
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "SHED_AFTER", "Acceptor"]
 
 log = get_logger("accept")
+limits_log = get_logger("limits")
 
 # The first pause after a failure, and its cap (issue 10's policy): short enough
 # that a table freed a moment later costs clients little, long enough that a
@@ -96,12 +99,14 @@ class Acceptor:
         "_delay",
         "_full_since",
         "_log_full",
+        "_log_limited",
         "_log_memory",
         "_log_other",
         "_log_shed",
         "_reserve",
         "_server",
         "_serving",
+        "_stream",
         "paused_until",
     )
 
@@ -112,6 +117,9 @@ class Acceptor:
         self._log_memory = RateLimitedLog(log, logging.WARNING, clock=clock)
         self._log_other = RateLimitedLog(log, logging.ERROR, clock=clock)
         self._log_shed = RateLimitedLog(log, logging.WARNING, clock=clock)
+        self._log_limited = RateLimitedLog(limits_log, logging.INFO, clock=clock)
+        sock = getattr(server, "socket", None)
+        self._stream = sock is not None and sock.type == socket.SOCK_STREAM
         self._delay = 0.0
         self._full_since: float | None = None
         self._reserve: int | None = None
@@ -146,7 +154,13 @@ class Acceptor:
         """Take up to ``batch`` requests; return seconds to stop watching, or None."""
         server = self._server
         table = server._netserve_table
+        # Datagram servers are exempt from the connection limits (issue 11).
+        stream = self._stream
+        limit = server.max_connections if stream else None
+        per_client = server.max_connections_per_client if stream else None
         for _ in range(batch):
+            if limit is not None and table.active >= limit:
+                return None  # the loop stops watching (see _servers)
             try:
                 request, client_address = server.get_request()
             except OSError as exc:
@@ -164,7 +178,9 @@ class Acceptor:
             # between: this runs for every connection).
             table.accept(request)
             try:
-                if server.verify_request(request, client_address):
+                if per_client is not None and not self._admit(request, client_address, per_client):
+                    server.shutdown_request(request)
+                elif server.verify_request(request, client_address):
                     server.process_request(request, client_address)
                 else:
                     table.refuse(request)
@@ -179,6 +195,20 @@ class Acceptor:
                     server.shutdown_request(request)
                 raise
         return None
+
+    def _admit(self, request: Any, client_address: Any, per_client: int) -> bool:
+        """Count a connection against its host's limit; False when it is over
+        (the table has counted it out as refused)."""
+        host = client_host(client_address)
+        if host is None or self._server._netserve_table.admit(request, host, per_client):
+            return True
+        self._log_limited.event(
+            "refused a connection from %s: %d connections open from it "
+            "(max_connections_per_client)",
+            host,
+            per_client,
+        )
+        return False
 
     # -- failures ----------------------------------------------------------------------
 

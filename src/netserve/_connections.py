@@ -39,11 +39,44 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FAILED", "HANDLED", "STAGE_FAILED", "TIMED_OUT", "ConnectionTable", "ServerStatistics"]
+__all__ = [
+    "DISCONNECTED",
+    "FAILED",
+    "HANDLED",
+    "LINE_TOO_LONG",
+    "STAGE_FAILED",
+    "TIMED_OUT",
+    "ConnectionTable",
+    "ServerStatistics",
+    "client_host",
+]
 
 # How a request ended, as the request runner reports it (and a forking child's
-# exit status carries it to the parent: 0 and 1 are the stdlib's).
+# exit status carries it to the parent: 0 and 1 are the stdlib's). The first
+# four are exits; the flags below are added to HANDLED or FAILED.
 HANDLED, FAILED, STAGE_FAILED, TIMED_OUT = 0, 1, 2, 3
+# The handler ended because the peer went away (a reset, a broken pipe).
+DISCONNECTED = 8
+# The handler ended on a line longer than the server's max_line_size.
+LINE_TOO_LONG = 16
+
+
+# The exit statuses a forked child's runner reports.
+_CHILD_OUTCOMES = frozenset(
+    {HANDLED, FAILED, STAGE_FAILED, TIMED_OUT}
+    | {base | flag for base in (HANDLED, FAILED) for flag in (DISCONNECTED, LINE_TOO_LONG)}
+)
+
+
+def client_host(client_address: Any) -> str | None:
+    """The source host a per-client limit counts, or None (a Unix socket's peer)."""
+    if type(client_address) is not tuple or not client_address:
+        return None
+    host = client_address[0]
+    if not isinstance(host, str):
+        return None
+    # An IPv4 client on a dual-stack listener is the same client as on IPv4.
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 @dataclass(frozen=True)
@@ -64,19 +97,29 @@ class ServerStatistics:
     #: Requests whose handler raised (reported through ``handle_error()``, or
     #: ``threading.excepthook`` for a ``SystemExit`` in the pool or the hub).
     errors: int = 0
-    #: Connections closed by one of netserve's own time-outs.
+    #: Connections closed by one of netserve's own time-outs (park, idle, write,
+    #: age, stage), in a handler or before one.
     timeouts: int = 0
     #: Connections closed because a stage rejected the peer (a bad header, a
     #: failed handshake, a peer gone mid-stage).
     stage_failures: int = 0
     #: ``accept()`` failures other than "nothing to accept" and aborted clients.
     accept_errors: int = 0
+    #: Of ``handled``, requests that ended because the peer went away (a reset,
+    #: a broken pipe).
+    disconnects: int = 0
+    #: Of ``handled``, requests that ended on a line past ``max_line_size``.
+    lines_too_long: int = 0
+    #: Of ``refused``, connections closed at once by ``max_connections_per_client``.
+    limited: int = 0
     #: Connections accepted and not yet closed (parked, in a stage, in a handler).
     active: int = 0
     #: Of those, accepted and waiting for their first byte, with no handler yet.
     parked: int = 0
     #: Whether the serving loop watches its listener now.
     accepting: bool = False
+    #: Whether accepting is paused now because ``max_connections`` are open.
+    at_limit: bool = False
 
 
 class ConnectionTable:
@@ -86,12 +129,19 @@ class ConnectionTable:
     __slots__ = (
         "_changed",
         "_detached",
+        "_host_of",
+        "_hosts",
+        "_limit_wake",
         "_live",
         "_lock",
+        "_paused_at",
         "accept_errors",
         "clock",
+        "disconnects",
         "errors",
         "handled",
+        "limited",
+        "lines_too_long",
         "refused",
         "stage_failures",
         "timeouts",
@@ -111,8 +161,18 @@ class ConnectionTable:
         self.timeouts = 0
         self.stage_failures = 0
         self.accept_errors = 0
+        self.disconnects = 0
+        self.lines_too_long = 0
+        self.limited = 0
         # Connections handed to forked children, not yet reaped.
         self._detached = 0
+        # Per-client counting, used only while a per-client limit is set: live
+        # connections per source host, and the host of each counted request.
+        self._hosts: dict[str, int] = {}
+        self._host_of: dict[int, str] = {}
+        # max_connections: the count below which _limit_wake is called, once.
+        self._paused_at = 0
+        self._limit_wake: Callable[[], None] | None = None
 
     # -- a connection's life: accept, then exactly one way out ---------------------------
 
@@ -121,57 +181,134 @@ class ConnectionTable:
         # One insert, atomic on its own: no lock (see the theory above).
         self._live[id(request)] = request
 
-    def finish(self, request: Any, *, error: bool) -> None:
+    def admit(self, request: Any, host: str, limit: int) -> bool:
+        """Count an accepted connection against its host's ``limit``; False (and
+        counted out as refused) when the host already holds that many."""
+        with self._lock:
+            held = self._hosts.get(host, 0)
+            if held >= limit:
+                self.refused += 1
+                self.limited += 1
+                wake = self._leave_locked(request)
+            else:
+                self._hosts[host] = held + 1
+                self._host_of[id(request)] = host
+                return True
+        if wake is not None:
+            wake()
+        return False
+
+    def finish(self, request: Any, outcome: int = HANDLED) -> None:
         """A request's handler is done (its connection is being shut down)."""
         with self._lock:
-            self.handled += 1
-            if error:
-                self.errors += 1
-            # _leave_locked(), without the call: this runs for every request.
-            self._live.pop(id(request), None)
-            if not self._live and not self._detached:
+            if outcome:
+                self._count_locked(outcome)
+            else:
+                self.handled += 1
+            # _leave_locked(), without its two calls: this runs for every request.
+            key = id(request)
+            self._live.pop(key, None)
+            if self._host_of:
+                self._forget_host_locked(key)
+            active = len(self._live) + self._detached
+            if not active:
                 self._changed.notify_all()
+            wake = self._limit_wake
+            if wake is None or active >= self._paused_at:
+                return
+            self._limit_wake = None
+        wake()
 
     def refuse(self, request: Any) -> None:
         """An accepted connection was closed without a handler (refused by
         ``verify_request()``, or closed as the server closed or aborted)."""
         with self._lock:
             self.refused += 1
-            self._leave_locked(request)
+            wake = self._leave_locked(request)
+        if wake is not None:
+            wake()
 
     def stage_failed(self, request: Any, *, timed_out: bool) -> None:
         """A connection's stages failed (or ran out of time) before its handler."""
-        with self._lock:
-            if timed_out:
-                self.timeouts += 1
-            else:
-                self.stage_failures += 1
-            self._leave_locked(request)
+        self.finish(request, TIMED_OUT if timed_out else STAGE_FAILED)
 
     def finish_if_held(self, request: Any, *, error: bool) -> bool:
         """``finish()`` unless the request was already counted out; says which."""
         with self._lock:
             if id(request) not in self._live:
                 return False
-            self._finish_locked(request, error)
-            return True
+            self._count_locked(FAILED if error else HANDLED)
+            wake = self._leave_locked(request)
+        if wake is not None:
+            wake()
+        return True
 
     def time_out(self, request: Any) -> None:
         """A connection without a handler was closed by a time-out."""
-        with self._lock:
+        self.finish(request, TIMED_OUT)
+
+    def _count_locked(self, outcome: int) -> None:
+        if outcome == TIMED_OUT:
             self.timeouts += 1
-            self._leave_locked(request)
+        elif outcome == STAGE_FAILED:
+            self.stage_failures += 1
+        else:
+            self.handled += 1
+            if outcome & FAILED:
+                self.errors += 1
+            if outcome & DISCONNECTED:
+                self.disconnects += 1
+            if outcome & LINE_TOO_LONG:
+                self.lines_too_long += 1
 
-    def _finish_locked(self, request: Any, error: bool) -> None:
-        self.handled += 1
-        if error:
-            self.errors += 1
-        self._leave_locked(request)
+    def _leave_locked(self, request: Any) -> Callable[[], None] | None:
+        """Take a request out of the live set; returns the max_connections wake-up
+        to call (after the lock) when this made room."""
+        key = id(request)
+        self._live.pop(key, None)
+        if self._host_of:
+            self._forget_host_locked(key)
+        return self._left_locked()
 
-    def _leave_locked(self, request: Any) -> None:
-        self._live.pop(id(request), None)
-        if not self._live and not self._detached:
+    def _left_locked(self) -> Callable[[], None] | None:
+        active = len(self._live) + self._detached
+        if not active:
             self._changed.notify_all()
+        if self._limit_wake is not None and active < self._paused_at:
+            wake, self._limit_wake = self._limit_wake, None
+            return wake
+        return None
+
+    def _forget_host_locked(self, key: int) -> None:
+        host = self._host_of.pop(key, None)
+        if host is not None:
+            held = self._hosts[host] - 1
+            if held:
+                self._hosts[host] = held
+            else:
+                del self._hosts[host]
+
+    # -- max_connections -----------------------------------------------------------------
+
+    def pause_at_limit(self, limit: int, wake: Callable[[], None]) -> bool:
+        """True when ``limit`` connections are active: ``wake`` is then called once,
+        from whichever thread counts one out below the limit. False (and nothing
+        armed) below it. Checked and armed under the lock: no exit is missed."""
+        with self._lock:
+            if len(self._live) + self._detached < limit:
+                self._limit_wake = None
+                return False
+            self._paused_at = limit
+            self._limit_wake = wake
+            return True
+
+    def counts_hosts(self) -> bool:
+        """Whether some live connection is counted against its host."""
+        return bool(self._host_of)
+
+    def at_limit(self) -> bool:
+        """Whether a ``pause_at_limit()`` is armed now."""
+        return self._limit_wake is not None
 
     def replace(self, request: Any, new: Any) -> None:
         """The model goes on with an accepted request as another object (the hub's
@@ -179,30 +316,33 @@ class ConnectionTable:
         with self._lock:
             if self._live.pop(id(request), None) is not None:
                 self._live[id(new)] = new
+                host = self._host_of.pop(id(request), None)
+                if host is not None:
+                    self._host_of[id(new)] = host
 
     # -- forking: the child holds the connection, the parent counts it -----------------
 
     def detach(self, request: Any) -> None:
         """The connection is now a child process's; it stays active until reaped."""
         with self._lock:
+            # Still a connection of its host's while the child holds it: the
+            # host is forgotten when the child is reaped (by pid, see below).
             self._live.pop(id(request), None)
             self._detached += 1
 
-    def finish_detached(self, outcome: int) -> None:
+    def finish_detached(self, outcome: int, request_key: int | None = None) -> None:
         """A child process that handled a detached connection was reaped; its
         exit status is the runner's outcome (any other status is a failure)."""
         with self._lock:
-            if outcome == STAGE_FAILED:
-                self.stage_failures += 1
-            elif outcome == TIMED_OUT:
-                self.timeouts += 1
-            else:
-                self.handled += 1
-                if outcome != HANDLED:
-                    self.errors += 1
+            if outcome not in _CHILD_OUTCOMES:
+                outcome = FAILED
+            self._count_locked(outcome)
             self._detached -= 1
-            if not self._live and not self._detached:
-                self._changed.notify_all()
+            if request_key is not None and self._host_of:
+                self._forget_host_locked(request_key)
+            wake = self._left_locked()
+        if wake is not None:
+            wake()
 
     # -- counted apart from a connection -------------------------------------------------
 
@@ -248,6 +388,9 @@ class ConnectionTable:
                 "timeouts": self.timeouts,
                 "stage_failures": self.stage_failures,
                 "accept_errors": self.accept_errors,
+                "disconnects": self.disconnects,
+                "lines_too_long": self.lines_too_long,
+                "limited": self.limited,
                 "active": active,
             }
 

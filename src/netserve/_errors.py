@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AddressError",
     "ConnectionTimeout",
+    "LineTooLong",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
@@ -26,7 +27,27 @@ class AddressError(NetserveError, ValueError):
 
 # Named as the stdlib names TimeoutError, and as the limits issue (11) calls it.
 class ConnectionTimeout(NetserveError, TimeoutError):  # noqa: N818
-    """A time-out netserve enforces on a connection ran out (a stage's, so far)."""
+    """A time-out netserve enforces on a connection ran out.
+
+    Raised where the handler (or a stage) waits. ``setting`` names the server
+    attribute whose limit it was: ``"park_timeout"``, ``"idle_timeout"``,
+    ``"write_timeout"``, ``"max_connection_age"`` or ``"stage_timeout"``.
+    A time-out the handler set itself (``settimeout()``) raises the stdlib's
+    plain ``TimeoutError`` instead.
+    """
+
+    def __init__(self, message: str = "timed out", setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class LineTooLong(NetserveError, ValueError):  # noqa: N818
+    """A line went past the server's ``max_line_size`` before its newline.
+
+    Raised by ``rfile.readline()`` (and line iteration, ``readlines()``)
+    having consumed the line's first ``max_line_size`` bytes; the rest of it
+    is still unread.
+    """
 
 
 class StageError(NetserveError):

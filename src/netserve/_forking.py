@@ -58,8 +58,21 @@ class ForkingMixIn(_MixInBase):
             )
         return children
 
+    def _netserve_hosts_held(self) -> dict[int, int]:
+        # Child pid -> the identity of the request it holds, while a per-client
+        # limit counts it against its host (created on first use: the stdlib's
+        # __init__ signature stays as it is).
+        held: dict[int, int] | None = vars(self).get("_netserve_child_requests")
+        if held is None:
+            held = {}
+            self._netserve_child_requests = held
+        return held
+
     def _netserve_child_exited(self, pid: int, exitcode: int) -> None:
-        self._netserve_table.finish_detached(exitcode)
+        # The request a child held, for the per-client count (only kept while a
+        # per-client limit is counting).
+        key = self._netserve_hosts_held().pop(pid, None)
+        self._netserve_table.finish_detached(exitcode, key)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap finished children; first wait while ``max_children`` are running.
@@ -94,9 +107,12 @@ class ForkingMixIn(_MixInBase):
         pid = os.fork()
         if pid == 0:
             self._serve_in_child(request, client_address)
-        children.add(pid)
         # The child has its own copy of the connection.
-        self._netserve_table.detach(request)
+        table = self._netserve_table
+        if table.counts_hosts():
+            self._netserve_hosts_held()[pid] = id(request)
+        children.add(pid)
+        table.detach(request)
         self.close_request(request)
 
     def wait_closed(self, timeout: float | None = None) -> bool:

@@ -10,6 +10,8 @@ import io
 import socket
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from netserve._lines import open_reader
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
@@ -94,7 +96,7 @@ class StreamRequestHandler(BaseRequestHandler):
             conn.settimeout(self.timeout)
         if self.disable_nagle_algorithm:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = conn.makefile("rb", self.rbufsize)
+        self.rfile = open_reader(conn, self.rbufsize, getattr(self.server, "max_line_size", None))
         if self.wbufsize == 0:
             # The socket's class may name a faster writer of its own (GreenSocket).
             writer = getattr(type(conn), "_netserve_sendall_writer", _SendallWriter)

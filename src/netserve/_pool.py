@@ -44,6 +44,7 @@ import _socket
 import collections
 import heapq
 import itertools
+import logging
 import select
 import selectors
 import socket
@@ -53,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from netserve._connections import ServerStatistics
 from netserve._errors import ConnectionTimeout, StageError
-from netserve._log import get_logger
+from netserve._limits import Timeouts
+from netserve._log import RateLimitedLog, get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._stages import DONE, WRITE, Connection, Stage, advance_stages, check_deadline
 
@@ -249,8 +251,14 @@ class ThreadPoolMixIn(_MixInBase):
     queue_size: int = 8
     # A stream connection takes a worker only once it has sent something.
     park_until_readable: bool = True
-    # Close a parked connection that sent nothing for this long (None: never).
-    park_timeout: float | None = None
+    # The limits' safe defaults (docs/limits.md states each and its reason).
+    park_timeout: float | None = 30.0
+    idle_timeout: float | None = 120.0
+    write_timeout: float | None = 60.0
+    max_connections: int | None = 1000
+    max_connections_per_client: int | None = 100
+    max_line_size: int | None = 65536
+    client_faults_are_errors: bool = False
     daemon_threads: bool = False
     # Excess connections wait in the kernel's backlog (see above): give it room.
     request_queue_size: int = socket.SOMAXCONN
@@ -282,6 +290,18 @@ class ThreadPoolMixIn(_MixInBase):
         self._netserve_selector_now: selectors.BaseSelector | None = None
         self._netserve_park_watched = False
         super().__init__(*args, **kwargs)
+        self._netserve_saturation_log = RateLimitedLog(
+            log, logging.WARNING, clock=self._netserve_table.clock
+        )
+
+    def _netserve_timeouts(self) -> Timeouts:
+        park, idle, write, age = super()._netserve_timeouts()
+        # A parked connection's park time-out is the loop's (it reaches a
+        # worker once it has spoken): its socket waits with the idle one only,
+        # and the kernel's time-out never has to change.
+        if self.park_until_readable:
+            park = idle
+        return (park, idle, write, age)
 
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's state."""
@@ -292,6 +312,7 @@ class ThreadPoolMixIn(_MixInBase):
                 **counters,
                 parked=len(self._netserve_parked),
                 accepting=self._netserve_watching,
+                at_limit=self._netserve_table.at_limit(),
                 max_workers=pool.max_workers,
                 workers=len(pool.threads),
                 busy_workers=pool.busy,
@@ -420,7 +441,9 @@ class ThreadPoolMixIn(_MixInBase):
 
     def _netserve_accept_allowed(self) -> bool:
         # Called by the loop before each wait, after _netserve_before_wait().
-        return not self._netserve_waiting() and self._netserve_pool_state.room() > 0
+        if self._netserve_waiting() or self._netserve_pool_state.room() <= 0:
+            return False
+        return super()._netserve_accept_allowed()
 
     def _netserve_waiting(self) -> bool:
         return bool(self._netserve_overflow or self._netserve_staged)
@@ -441,6 +464,8 @@ class ThreadPoolMixIn(_MixInBase):
             # Look again now that the flag is set: a worker may have made room in
             # between, and it would not have woken us.
             room = not self._netserve_waiting() and pool.room() > 0
+            if not room:
+                self._netserve_saturated()
         if room != self._netserve_park_watched:
             assert self._netserve_park_sets is not None
             if room:
@@ -449,6 +474,22 @@ class ThreadPoolMixIn(_MixInBase):
                 selector.unregister(self._netserve_park_sets[0])
             self._netserve_park_watched = room
         return self._netserve_expire_parked(poll_interval)
+
+    def _netserve_saturated(self) -> None:
+        """Every worker is busy and the queue is full: new connections wait in the
+        kernel's backlog, and a user should hear of it (issue 11)."""
+        pool = self._netserve_pool_state
+        if pool.busy < pool.max_workers:
+            return  # a worker woken for the queue's head has not taken it yet
+        self._netserve_saturation_log.event(
+            "pool saturated: %d of %d workers busy, %d queued (queue_size %d), %d parked; "
+            "new connections wait in the backlog",
+            pool.busy,
+            pool.max_workers,
+            len(pool.jobs),
+            pool.queue_size,
+            len(self._netserve_parked),
+        )
 
     def _netserve_expire_parked(self, poll_interval: float | None) -> float | None:
         deadlines = self._netserve_deadlines
@@ -461,9 +502,10 @@ class ThreadPoolMixIn(_MixInBase):
                 continue  # handed over or closed since
             if parked.conn is not None:
                 self._netserve_unpark(fd)
-                self._netserve_stage_failed(
-                    parked.conn, ConnectionTimeout("the connection's stages did not finish in time")
+                timed_out = ConnectionTimeout(
+                    "the connection's stages did not finish in time", "stage_timeout"
                 )
+                self._netserve_stage_failed(parked.conn, timed_out)
             elif not _has_input(parked.request):
                 # Silent past park_timeout. (One that spoke while every worker
                 # was busy is not silent: it waits for a worker, no deadline.)

@@ -55,6 +55,7 @@ from netserve._connections import (
     ServerStatistics,
 )
 from netserve._errors import StageError
+from netserve._limits import Timeouts, accept_timed, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
 from netserve._stages import Connection, Stage, check_deadline, run_stages
@@ -83,9 +84,11 @@ _Address = Any
 _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
 _stage_log = get_logger("stages")
+_limits_log = get_logger("limits")
 
 _RULE = "-" * 40
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_NO_TIMEOUTS = (None, None, None, None)
 # Marks the wake-up socket among the selector's keys.
 _WAKER = "netserve-waker"
 
@@ -106,6 +109,27 @@ class BaseServer:
     # seconds: a handshake over a slow mobile link takes a few; a client that
     # needs longer is more likely stalling than slow.
     stage_timeout: float | None = 10.0
+    # Limits and time-outs (docs/limits.md). None everywhere in the stdlib's
+    # classes, whose behaviour they keep; the new models set safe defaults.
+    # A stream connection that has sent nothing yet is closed after this long.
+    park_timeout: float | None = None
+    # The longest wait for more bytes once a connection has spoken (per read).
+    idle_timeout: float | None = None
+    # The longest a send may make no progress (a peer that does not read).
+    write_timeout: float | None = None
+    # A connection is closed this long after its accept, whatever it does.
+    max_connection_age: float | None = None
+    # Stream connections open at once (parked, in a stage, in a handler): at the
+    # limit the server stops accepting, and the kernel's backlog holds the rest.
+    max_connections: int | None = None
+    # Stream connections open at once from one source host; beyond, a new one
+    # is closed at once (counted in refused and limited).
+    max_connections_per_client: int | None = None
+    # rfile.readline() without a size raises LineTooLong past this many bytes.
+    max_line_size: int | None = None
+    # Whether a client's fault that ends a handler (a reset or broken pipe,
+    # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
+    client_faults_are_errors: bool = True
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
@@ -254,6 +278,7 @@ class BaseServer:
             **self._netserve_table.counters(),
             parked=self._netserve_parked_count(),
             accepting=self._netserve_watching,
+            at_limit=self._netserve_table.at_limit(),
         )
 
     def _netserve_parked_count(self) -> int:
@@ -281,8 +306,31 @@ class BaseServer:
         raise AssertionError(f"no handler for readiness of {key.fileobj!r}")
 
     def _netserve_accept_allowed(self) -> bool:
-        """Whether the loop should accept now (a mix-in says no while it has no room)."""
-        return True
+        """Whether the loop should accept now: below ``max_connections`` (a mix-in
+        also says no while it has no room). At the limit, the first connection
+        to close wakes the loop."""
+        limit = self.max_connections
+        table = self._netserve_table
+        # Read without the lock first: only this loop adds connections.
+        if limit is None or table.active < limit or not self._netserve_stream():
+            return True
+        if not table.pause_at_limit(limit, self._netserve_stop.wake):
+            return True
+        limited: RateLimitedLog | None = vars(self).get("_netserve_limit_log")
+        if limited is None:
+            limited = self._netserve_limit_log = RateLimitedLog(
+                _limits_log, logging.INFO, clock=table.clock
+            )
+        limited.event("accepting paused: %d connections open (max_connections)", limit)
+        return False
+
+    def _netserve_timeouts(self) -> Timeouts:
+        """(park, idle, write, age) for a new connection's socket (see _limits)."""
+        return (self.park_timeout, self.idle_timeout, self.write_timeout, self.max_connection_age)
+
+    def _netserve_stream(self) -> bool:
+        sock: socket.socket | None = getattr(self, "socket", None)
+        return sock is not None and sock.type == socket.SOCK_STREAM
 
     def _netserve_serving_here(self) -> bool:
         """Whether this thread runs the server's requests in a way that a waiting
@@ -425,18 +473,33 @@ class BaseServer:
                     return self._netserve_stage_bug(staged)
         if staged is not None:
             request, client_address = staged.request, staged.client_address
-        error = False
+        outcome = HANDLED
         try:
             self.finish_request(request, client_address)
-        except Exception:
-            error = True
-            self.handle_error(request, client_address)
+        except Exception as exc:
+            outcome = self._netserve_ended_by(exc, request, client_address)
         finally:
             # Counted before the peer can see the close: whoever it tells then
             # finds the request counted.
-            self._netserve_table.finish(original, error=error)
+            self._netserve_table.finish(original, outcome)
             self.shutdown_request(request)
-        return FAILED if error else HANDLED
+        return outcome
+
+    def _netserve_ended_by(
+        self, exc: Exception, request: _Request, client_address: _Address
+    ) -> int:
+        """Report an exception that ended a handler; returns the outcome to count.
+
+        netserve's own time-outs and (unless ``client_faults_are_errors``) a
+        client's fault are counted and logged at DEBUG: a slow or misbehaving
+        peer is not a bug in the server. Everything else is ``handle_error()``'s.
+        """
+        outcome = fault_of(exc)
+        if outcome != TIMED_OUT and (outcome == FAILED or self.client_faults_are_errors):
+            self.handle_error(request, client_address)
+            return outcome | FAILED
+        _limits_log.debug("request from %s ended: %r", client_address, exc)
+        return outcome
 
     # -- connection stages (see _stages) -------------------------------------------------
 
@@ -608,8 +671,11 @@ class TCPServer(BaseServer):
         return self.socket.fileno()
 
     def get_request(self) -> tuple[Any, _Address]:
-        """Accept one connection."""
-        return self.socket.accept()
+        """Accept one connection (with netserve's time-outs, when any is set)."""
+        timeouts = self._netserve_timeouts()
+        if timeouts == _NO_TIMEOUTS:
+            return self.socket.accept()
+        return accept_timed(self.socket, timeouts, self._netserve_table.clock)
 
     def shutdown_request(self, request: _Request) -> None:
         """Half-close the connection so the peer sees EOF, then close it."""

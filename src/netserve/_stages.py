@@ -150,7 +150,7 @@ def run_stages(
 
 def check_deadline(remaining: float | None) -> None:
     if remaining is not None and remaining <= 0:
-        raise ConnectionTimeout("the connection's stages did not finish in time")
+        raise ConnectionTimeout("the connection's stages did not finish in time", "stage_timeout")
 
 
 class PrefixedSocket:

@@ -1,0 +1,254 @@
+"""Time-outs on the connections of the thread models, and what a request's end means.
+
+Theory of operation
+-------------------
+The thread models (sync, threading, forking, the pool) hand their handlers a
+blocking socket. netserve's time-outs on it (issue 11: park before the first
+byte, idle between reads, write without progress, the connection's age) are
+the kernel's ``SO_RCVTIMEO`` and ``SO_SNDTIMEO``, so a blocking call costs no
+extra system call: a ``settimeout()`` socket polls before every call. A wait
+that runs out fails with EAGAIN, which ``TimedSocket`` turns into
+``ConnectionTimeout`` where the handler waits. Both kernel time-outs restart
+with each call and each bit of progress: ``recv()`` waits at most the idle
+time for *some* bytes, and ``sendall()`` fails only when the peer took
+nothing for the whole write time-out, so a slow reader that keeps reading is
+never cut off.
+
+A time-out the handler sets itself (``settimeout()``, as
+``StreamRequestHandler.timeout`` does) makes the socket the stdlib's again:
+Python then waits with poll() and raises the stdlib's ``TimeoutError``, which
+reaches ``handle_error()`` as it always did; the kernel's time-outs do not
+apply to a non-blocking socket. The age limit is checked before every call
+and bounds each wait (one ``setsockopt`` per call, only while it is set).
+
+The hub's ``GreenSocket`` enforces the same settings on its own waits.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from netserve._connections import DISCONNECTED, FAILED, LINE_TOO_LONG, TIMED_OUT
+from netserve._errors import ConnectionTimeout, LineTooLong
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Buffer
+    from _typeshed import WriteableBuffer
+
+__all__ = ["AgedSocket", "TimedSocket", "Timeouts", "accept_timed", "fault_of"]
+
+#: (park, idle, write, age): a new connection's time-outs, in seconds or None.
+Timeouts = tuple[float | None, float | None, float | None, float | None]
+
+# struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it (time_t, suseconds_t).
+_TIMEVAL = struct.Struct("@ll")
+_NO_TIMEOUT = _TIMEVAL.pack(0, 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+
+# What a peer that goes away raises in a handler (ConnectionRefusedError is
+# a client's error, never a server's).
+_DISCONNECTS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+def _timeval(seconds: float | None) -> bytes:
+    if seconds is None:
+        return _NO_TIMEOUT
+    whole = int(seconds)
+    micros = int((seconds - whole) * 1_000_000)
+    # A zero timeval means "never": the shortest real time-out is 1 us.
+    return _TIMEVAL.pack(whole, max(micros, 1) if whole == 0 else micros)
+
+
+def fault_of(exc: BaseException) -> int:
+    """How an exception that ended a handler counts: TIMED_OUT for netserve's
+    time-outs, DISCONNECTED or LINE_TOO_LONG for a client's fault (still a
+    FAILED request when it is reported), FAILED for anything else."""
+    if isinstance(exc, ConnectionTimeout):
+        return TIMED_OUT
+    if isinstance(exc, _DISCONNECTS):
+        return DISCONNECTED
+    if isinstance(exc, LineTooLong):
+        return LINE_TOO_LONG
+    return FAILED
+
+
+class TimedSocket(socket.socket):
+    """A connected stream socket whose blocking calls time out as the server says.
+
+    Made by ``accept_timed()``; everything else about it is ``socket.socket``.
+    """
+
+    __slots__ = ("_ns_clock", "_ns_deadline", "_ns_idle", "_ns_park", "_ns_quiet", "_ns_write")
+
+    _ns_clock: Callable[[], float]
+    _ns_deadline: float | None
+    _ns_idle: float | None
+    _ns_park: float | None
+    # True until the first bytes arrive, while the park time-out differs from
+    # the idle one (the receive time-out then changes once).
+    _ns_quiet: bool
+    _ns_write: float | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # No time-outs until _ns_arm() (a dup() of an armed socket shares its
+        # kernel time-outs, and reports them as the idle and write ones).
+        self._ns_park = self._ns_idle = self._ns_write = self._ns_deadline = None
+        self._ns_quiet = False
+        self._ns_clock = time.monotonic
+
+    def _ns_arm(
+        self,
+        park: float | None,
+        idle: float | None,
+        write: float | None,
+        age: float | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._ns_park = park
+        self._ns_idle = idle
+        self._ns_write = write
+        self._ns_clock = clock
+        self._ns_deadline = None if age is None else clock() + age
+        self._ns_quiet = park != idle
+        first = park if self._ns_quiet else idle
+        if first is not None:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(first))
+        if write is not None:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write))
+
+    # -- the time-outs -------------------------------------------------------------------
+
+    def _ns_bound(self, option: int, limit: float | None) -> None:
+        """Bound the next wait by the age limit too (only while one is set)."""
+        deadline = self._ns_deadline
+        if deadline is None or self.gettimeout() is not None:
+            return
+        remaining = deadline - self._ns_clock()
+        if remaining <= 0:
+            raise ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+        bound = remaining if limit is None else min(limit, remaining)
+        self.setsockopt(socket.SOL_SOCKET, option, _timeval(bound))
+
+    def _ns_expired(self, writing: bool) -> ConnectionTimeout:
+        deadline = self._ns_deadline
+        if deadline is not None and self._ns_clock() >= deadline:
+            return ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+        if writing:
+            return ConnectionTimeout(
+                f"the peer read nothing for {self._ns_write} s", "write_timeout"
+            )
+        if self._ns_quiet:
+            return ConnectionTimeout(
+                f"the peer sent nothing in {self._ns_park} s after connecting", "park_timeout"
+            )
+        return ConnectionTimeout(f"the peer sent nothing for {self._ns_idle} s", "idle_timeout")
+
+    def _ns_spoke(self) -> None:
+        self._ns_quiet = False
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._ns_idle))
+
+    def _ns_timed_out(self, flags: int) -> bool:
+        # EAGAIN is a time-out only on a blocking socket asked to wait.
+        return super().gettimeout() is None and not flags & _DONTWAIT
+
+    # -- reading -------------------------------------------------------------------------
+    # These run for every read and write of a handler: the base class's C methods
+    # are called directly (no super() object), and the age limit is a subclass's.
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        try:
+            data = _recv(self, bufsize, flags)
+        except BlockingIOError:
+            if self._ns_timed_out(flags):
+                raise self._ns_expired(False) from None
+            raise
+        if self._ns_quiet and data:
+            self._ns_spoke()
+        return data
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
+        try:
+            count = _recv_into(self, buffer, nbytes, flags)
+        except BlockingIOError:
+            if self._ns_timed_out(flags):
+                raise self._ns_expired(False) from None
+            raise
+        if self._ns_quiet and count:
+            self._ns_spoke()
+        return count
+
+    # -- writing -------------------------------------------------------------------------
+
+    def send(self, data: Buffer, flags: int = 0, /) -> int:
+        try:
+            return _send(self, data, flags)
+        except BlockingIOError:
+            if self._ns_timed_out(flags):
+                raise self._ns_expired(True) from None
+            raise
+
+    def sendall(self, data: Buffer, flags: int = 0, /) -> None:
+        try:
+            _sendall(self, data, flags)
+        except BlockingIOError:
+            if self._ns_timed_out(flags):
+                raise self._ns_expired(True) from None
+            raise
+
+
+class AgedSocket(TimedSocket):
+    """A ``TimedSocket`` whose every wait is also bounded by the connection's age."""
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
+        return TimedSocket.recv(self, bufsize, flags)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
+        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
+        return TimedSocket.recv_into(self, buffer, nbytes, flags)
+
+    def send(self, data: Buffer, flags: int = 0, /) -> int:
+        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
+        return TimedSocket.send(self, data, flags)
+
+    def sendall(self, data: Buffer, flags: int = 0, /) -> None:
+        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
+        TimedSocket.sendall(self, data, flags)
+
+
+_recv = socket.socket.recv
+_recv_into = socket.socket.recv_into
+_send = socket.socket.send
+_sendall = socket.socket.sendall
+
+
+def accept_timed(
+    listener: socket.socket,
+    timeouts: Timeouts,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[TimedSocket, Any]:
+    """Accept one connection as a ``TimedSocket`` armed with ``timeouts``
+    (park, idle, write, age), blocking as ``socket.accept()`` leaves it."""
+    fd, address = listener._accept()  # type: ignore[attr-defined]
+    kind = TimedSocket if timeouts[3] is None else AgedSocket
+    try:
+        sock = kind(listener.family, listener.type, listener.proto, fileno=fd)
+    except BaseException:
+        socket.close(fd)
+        raise
+    # As socket.accept(): a listener with a time-out gives blocking sockets.
+    if socket.getdefaulttimeout() is None and listener.gettimeout():
+        sock.setblocking(True)
+    try:
+        sock._ns_arm(*timeouts, clock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, address
