@@ -197,7 +197,11 @@ def _server_process(model: str, attrs: dict[str, Any] | None, conn: Connection) 
     parent, pytest and all, must not run on)."""
     status = 1
     try:
-        side = _ServerSide(model, attrs)
+        try:
+            side = _ServerSide(model, attrs)
+        except Exception:
+            conn.send(_Failure(traceback.format_exc()))  # the harness raises it
+            return
         conn.send(side.address())
         for _ in range(1_000_000):  # far more commands than a scenario sends
             try:
