@@ -14,6 +14,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -450,9 +451,9 @@ def test_forking_counts_a_child_that_timed_out() -> None:
 def test_timed_socket_passes_a_non_blocking_call_through() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as client:
-        from netserve._limits import accept_timed
+        from netserve._limits import TimedAccept
 
-        sock, _ = accept_timed(listener, (0.2, 0.2, 0.2, None))
+        sock, _ = TimedAccept()(listener, (0.2, 0.2, 0.2, None), time.monotonic)
         with sock:
             assert isinstance(sock, TimedSocket)
             with pytest.raises(BlockingIOError):
@@ -466,3 +467,40 @@ def test_timed_socket_passes_a_non_blocking_call_through() -> None:
                 sock.recv(10)
             client.sendall(b"ok")
             assert sock.recv(10) == b"ok"
+
+
+def test_unix_stream_connections_get_the_time_outs_too(unix_path: str) -> None:
+    # A Unix listener does not pass its time-outs on to what it accepts: each
+    # connection gets them itself.
+    class Server(netserve.ThreadingUnixStreamServer):
+        idle_timeout = 0.3
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            self.reported.append(sys.exc_info()[0])  # type: ignore[attr-defined]
+
+    server = Server(unix_path, EchoThenWait)
+    server.reported = []  # type: ignore[attr-defined]
+    server.seen = []  # type: ignore[attr-defined]
+    with Serving(server), connect(unix_path, socket.AF_UNIX) as client:
+        client.sendall(b"u\n")
+        assert recv_all(client) == b"U\n"
+    assert server.seen == [(netserve.ConnectionTimeout, "idle_timeout")]  # type: ignore[attr-defined]
+    assert server.reported == []  # type: ignore[attr-defined]
+    server.server_close()
+
+
+def test_time_outs_switched_off_leave_the_listener_as_it_was() -> None:
+    server = make_server("threading", EchoThenWait, idle_timeout=0.3)
+    with Serving(server), connect(server.server_address) as client:
+        client.sendall(b"a\n")
+        assert recv_all(client) == b"A\n"
+        server.idle_timeout = None
+        with connect(server.server_address) as second:
+            second.sendall(b"b\n")
+            assert second.recv(10) == b"B\n"
+            received = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+            assert received == bytes(16)  # off again
+            second.shutdown(socket.SHUT_WR)
+            assert recv_all(second) == b""
+    assert server.seen == [(netserve.ConnectionTimeout, "idle_timeout")]
+    server.server_close()

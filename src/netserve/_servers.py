@@ -55,7 +55,7 @@ from netserve._connections import (
     ServerStatistics,
 )
 from netserve._errors import StageError
-from netserve._limits import Timeouts, accept_timed, fault_of
+from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
 from netserve._stages import Connection, Stage, check_deadline, run_stages
@@ -673,9 +673,14 @@ class TCPServer(BaseServer):
     def get_request(self) -> tuple[Any, _Address]:
         """Accept one connection (with netserve's time-outs, when any is set)."""
         timeouts = self._netserve_timeouts()
+        timed: TimedAccept | None = vars(self).get("_netserve_timed_accept")
         if timeouts == _NO_TIMEOUTS:
+            if timed is not None:
+                timed.disarm(self.socket)
             return self.socket.accept()
-        return accept_timed(self.socket, timeouts, self._netserve_table.clock)
+        if timed is None:
+            timed = self._netserve_timed_accept = TimedAccept()
+        return timed(self.socket, timeouts, self._netserve_table.clock)
 
     def shutdown_request(self, request: _Request) -> None:
         """Half-close the connection so the peer sees EOF, then close it."""
