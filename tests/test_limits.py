@@ -453,7 +453,7 @@ def test_timed_socket_passes_a_non_blocking_call_through() -> None:
     with listener, socket.create_connection(listener.getsockname()) as client:
         from netserve._limits import TimedAccept
 
-        sock, _ = TimedAccept()(listener, (0.2, 0.2, 0.2, None), time.monotonic)
+        sock, _ = TimedAccept()(listener, (0.2, 0.2, 0.2, None), time.monotonic, 5)
         with sock:
             assert isinstance(sock, TimedSocket)
             with pytest.raises(BlockingIOError):

@@ -54,6 +54,7 @@ class _SendallWriter(io.BufferedIOBase):
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._sendall = sock.sendall
 
     def writable(self) -> bool:
         return True
@@ -61,13 +62,20 @@ class _SendallWriter(io.BufferedIOBase):
     def write(self, data: ReadableBuffer, /) -> int:
         if self.closed:
             raise ValueError("write to closed file")
-        # bytes, the common case, go out as they are: no memoryview to make.
-        if type(data) is bytes:
-            self._sock.sendall(data)
-            return len(data)
-        with memoryview(data) as view:
-            self._sock.sendall(view)
-            return view.nbytes
+        try:
+            # bytes, the common case, go out as they are: no memoryview to make.
+            if type(data) is bytes:
+                self._sendall(data)
+                return len(data)
+            with memoryview(data) as view:
+                self._sendall(view)
+                return view.nbytes
+        except BlockingIOError:
+            self._would_block()
+            raise
+
+    def _would_block(self) -> None:
+        """A send failed with EAGAIN: a subclass may raise something clearer."""
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -26,13 +26,16 @@ The hub's ``GreenSocket`` enforces the same settings on its own waits.
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netserve._connections import DISCONNECTED, FAILED, LINE_TOO_LONG, TIMED_OUT
 from netserve._errors import ConnectionTimeout, LineTooLong
+from netserve._handlers import _SendallWriter
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Buffer
@@ -200,6 +203,47 @@ class TimedSocket(socket.socket):
                 raise self._ns_expired(True) from None
             raise
 
+    # The calls rfile and wfile make (TimedSocket's own: the C methods, with no
+    # Python call in between; AgedSocket's bound the wait by the age first).
+    _ns_recv_into = socket.socket.recv_into
+    _ns_sendall = socket.socket.sendall
+
+    def _netserve_raw_reader(self) -> _TimedRaw:
+        return _TimedRaw(self)
+
+    def _netserve_sendall_writer(self) -> _TimedWriter:
+        return _TimedWriter(self)
+
+
+class _TimedRaw(io.RawIOBase):
+    """``rfile``'s raw file over a ``TimedSocket`` (see ``_lines.open_reader``).
+
+    It does what the stdlib's socket file does for a blocking socket (read
+    into the buffer, 0 at the end of the stream), through the socket's
+    time-outs, in the one Python call the socket file makes anyway.
+    """
+
+    def __init__(self, sock: TimedSocket) -> None:
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int | None:
+        sock = self._sock
+        try:
+            count = sock._ns_recv_into(buffer)
+        except BlockingIOError:
+            if sock._ns_timed_out(0):
+                raise sock._ns_expired(False) from None
+            return None  # a non-blocking socket with nothing to read yet
+        if sock._ns_quiet and count:
+            sock._ns_spoke()
+        return count
+
 
 class AgedSocket(TimedSocket):
     """A ``TimedSocket`` whose every wait is also bounded by the connection's age."""
@@ -222,6 +266,23 @@ class AgedSocket(TimedSocket):
         self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
         TimedSocket.sendall(self, data, flags)
 
+    # rfile and wfile go through the age bound too.
+    _ns_recv_into = recv_into  # type: ignore[assignment]
+    _ns_sendall = sendall
+
+
+class _TimedWriter(_SendallWriter):
+    """``wfile`` (unbuffered) over a ``TimedSocket``: its sendall, its time-out."""
+
+    def __init__(self, sock: TimedSocket) -> None:
+        super().__init__(sock)
+        self._sendall = sock._ns_sendall
+
+    def _would_block(self) -> None:
+        sock: Any = self._sock
+        if sock._ns_timed_out(0):
+            raise sock._ns_expired(True) from None
+
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
@@ -239,40 +300,65 @@ class TimedAccept:
     """Accepts connections as ``TimedSocket``s, for one listener.
 
     Linux copies a TCP listener's ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` to each
-    connection it accepts (not a Unix socket's): set on the listener once,
-    they cost an accept no system call (each ``setsockopt`` costs about 2 us
-    on the benchmarks' VM, a tenth of a short connection's time). Whether the
-    copy happens is checked on the first connection, and a listener that does
-    not pass them on has them set on every connection instead. The listener's
-    own time-outs matter only to a blocking ``accept()``, which the serving
-    loop never makes (its listener is non-blocking while it serves).
+    connection as the connection is set up (not a Unix socket's): set on the
+    listener, they cost an accept no system call (each ``setsockopt`` costs
+    about 2 us on the benchmarks' VM, a tenth of a short connection's time).
+    Connections set up before the listener got its values do not have them:
+    the server arms the listener before it listens (``arm()``), and after a
+    later change the next ``backlog`` connections (all that can have been
+    waiting) are checked one by one and given their values where they lack
+    them. Elsewhere every connection gets its values itself. The listener's own
+    time-outs matter only to a blocking ``accept()``, which the serving loop
+    never makes (its listener is non-blocking while it serves).
     """
 
-    __slots__ = ("_inherits", "_listener_has")
+    __slots__ = ("_armed_for", "_kind", "_listener_has", "_unsure")
 
     def __init__(self) -> None:
-        # None until the first connection shows whether the copy happens.
-        self._inherits: bool | None = None
         # The (receive, send) time-outs set on the listener, if any.
         self._listener_has: tuple[float | None, float | None] | None = None
+        # The time-outs arm() last saw: an accept with the same skips it.
+        self._armed_for: Timeouts | None = None
+        # How many more connections may predate the listener's values.
+        self._unsure = 0
+        # The listener's (family, type, proto) as plain ints, read once: each
+        # read of socket.family builds an enum member (three Python calls).
+        self._kind: tuple[int, int, int] | None = None
+
+    def arm(self, listener: socket.socket, timeouts: Timeouts, backlog: int) -> None:
+        """Give the listener the time-outs its connections inherit; ``backlog``:
+        how many connections may already be waiting (0 before ``listen()``)."""
+        self._armed_for = timeouts
+        if not _INHERITS or listener.family not in _INHERITING:
+            return
+        wanted = _kernel_timeouts(timeouts)
+        if wanted != self._listener_has:
+            receive, send = wanted
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(receive))
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
+            self._listener_has = wanted
+            self._unsure = backlog
 
     def __call__(
-        self, listener: socket.socket, timeouts: Timeouts, clock: Callable[[], float]
+        self,
+        listener: socket.socket,
+        timeouts: Timeouts,
+        clock: Callable[[], float],
+        backlog: int,
     ) -> tuple[TimedSocket, Any]:
         """Accept one connection armed with ``timeouts`` (park, idle, write, age),
         blocking as ``socket.accept()`` leaves it."""
-        inherit = self._inherits is not False and listener.family in _INHERITING
-        if inherit:
-            wanted = _kernel_timeouts(timeouts)
-            if wanted != self._listener_has:
-                receive, send = wanted
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(receive))
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
-                self._listener_has = wanted
+        if timeouts != self._armed_for:
+            self.arm(listener, timeouts, backlog)
+        kind = self._kind
+        if kind is None:
+            kind = self._kind = (int(listener.family), int(listener.type), listener.proto)
         fd, address = listener._accept()  # type: ignore[attr-defined]
-        kind = TimedSocket if timeouts[3] is None else AgedSocket
         try:
-            sock = kind(listener.family, listener.type, listener.proto, fileno=fd)
+            if timeouts[3] is None:
+                sock = TimedSocket(*kind, fileno=fd)
+            else:
+                sock = AgedSocket(*kind, fileno=fd)
         except BaseException:
             socket.close(fd)
             raise
@@ -280,10 +366,12 @@ class TimedAccept:
             # As socket.accept(): a listener with a time-out gives blocking sockets.
             if socket.getdefaulttimeout() is None and listener.gettimeout():
                 sock.setblocking(True)
-            if inherit and self._inherits is None:
-                self._inherits = _same_timeouts(listener, sock)
-                inherit = self._inherits
-            sock._ns_arm(timeouts, clock, kernel=not inherit)
+            # (_listener_has is set only where connections inherit.)
+            inherited = self._listener_has is not None
+            if inherited and self._unsure:
+                self._unsure -= 1
+                inherited = _same_timeouts(listener, sock)
+            sock._ns_arm(timeouts, clock, kernel=not inherited)
         except BaseException:
             sock.close()
             raise
@@ -294,9 +382,11 @@ class TimedAccept:
         if self._listener_has is not None and listener.fileno() >= 0:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
-        self._listener_has = None
+        self._listener_has = self._armed_for = None
 
 
+# Where a listener's time-outs reach the connections it accepts.
+_INHERITS = sys.platform == "linux"
 _INHERITING = frozenset({socket.AF_INET, socket.AF_INET6})
 
 

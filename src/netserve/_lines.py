@@ -26,9 +26,9 @@ __all__ = ["open_reader"]
 class _LineBoundedReader(io.BufferedReader):
     """A ``BufferedReader`` whose unsized ``readline()`` stops at a limit."""
 
-    def __init__(self, raw: io.RawIOBase, buffer_size: int, limit: int) -> None:
-        super().__init__(raw, buffer_size)
-        self.max_line_size = limit
+    # Set on each reader as it is made (no __init__ of our own: one call less
+    # for every connection).
+    max_line_size: int
 
     def readline(self, size: int | None = -1, /) -> bytes:
         # Runs for every line a handler reads: the C method is called directly.
@@ -46,22 +46,32 @@ _readline = io.BufferedReader.readline
 
 def open_reader(conn: Any, bufsize: int, limit: int | None) -> Any:
     """``conn.makefile("rb", bufsize)``, with lines bounded by ``limit`` (if any)."""
-    if limit is None:
-        return conn.makefile("rb", bufsize)
-    if limit < 1:
+    if limit is not None and limit < 1:
         raise ValueError(f"max_line_size must be a positive number of bytes, not {limit!r}")
-    # A socket class with its own reader (GreenSocket) bounds its lines itself.
     # Looked up on the class: a wrapper that forwards attributes (a stage's
     # PrefixedSocket) must not hand out its socket's reader, which would skip
     # the wrapper's read-ahead.
-    bounded = getattr(type(conn), "_netserve_line_reader", None)
-    if bounded is not None:
-        return bounded(conn, bufsize, limit)
-    if not isinstance(conn, socket.socket):
+    cls = type(conn)
+    if limit is not None:
+        # A socket class with its own reader (GreenSocket) bounds its lines itself.
+        bounded = getattr(cls, "_netserve_line_reader", None)
+        if bounded is not None:
+            return bounded(conn, bufsize, limit)
+    # A socket with netserve's time-outs (_limits.TimedSocket) has a raw file
+    # of its own, which reads through the socket's time-outs.
+    raw_reader = getattr(cls, "_netserve_raw_reader", None)
+    if raw_reader is not None:
+        raw = raw_reader(conn)
+    elif limit is None or not isinstance(conn, socket.socket):
         return conn.makefile("rb", bufsize)
-    raw = conn.makefile("rb", 0)  # the raw socket file, counted by the socket
+    else:
+        raw = conn.makefile("rb", 0)  # the raw socket file, counted by the socket
     if bufsize < 0:
         bufsize = io.DEFAULT_BUFFER_SIZE
+    if limit is None:
+        return raw if bufsize == 0 else io.BufferedReader(raw, bufsize)
     # An unbuffered rfile (rbufsize 0) reads a byte at a time; so does this,
     # never taking more from the socket than the line.
-    return _LineBoundedReader(raw, max(bufsize, 1), limit)
+    reader = _LineBoundedReader(raw, max(bufsize, 1))
+    reader.max_line_size = limit
+    return reader

@@ -621,6 +621,8 @@ class TCPServer(BaseServer):
     request_queue_size: int = socket.SOMAXCONN if sys.version_info >= (3, 15) else 5
     allow_reuse_address: bool = False
     allow_reuse_port: bool = False
+    # Accepts with netserve's time-outs, once any is set (see _limits).
+    _netserve_timed_accept: TimedAccept | None = None
 
     def __init__(
         self,
@@ -657,6 +659,11 @@ class TCPServer(BaseServer):
 
     def server_activate(self) -> None:
         """Start listening with ``request_queue_size``."""
+        timeouts = self._netserve_timeouts()
+        if timeouts != _NO_TIMEOUTS:
+            # Before listen(): every connection then inherits them (see _limits).
+            self._netserve_timed_accept = TimedAccept()
+            self._netserve_timed_accept.arm(self.socket, timeouts, 0)
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
@@ -673,14 +680,14 @@ class TCPServer(BaseServer):
     def get_request(self) -> tuple[Any, _Address]:
         """Accept one connection (with netserve's time-outs, when any is set)."""
         timeouts = self._netserve_timeouts()
-        timed: TimedAccept | None = vars(self).get("_netserve_timed_accept")
+        timed = self._netserve_timed_accept
         if timeouts == _NO_TIMEOUTS:
             if timed is not None:
                 timed.disarm(self.socket)
             return self.socket.accept()
         if timed is None:
             timed = self._netserve_timed_accept = TimedAccept()
-        return timed(self.socket, timeouts, self._netserve_table.clock)
+        return timed(self.socket, timeouts, self._netserve_table.clock, self.request_queue_size)
 
     def shutdown_request(self, request: _Request) -> None:
         """Half-close the connection so the peer sees EOF, then close it."""
