@@ -504,3 +504,44 @@ def test_time_outs_switched_off_leave_the_listener_as_it_was() -> None:
             assert recv_all(second) == b""
     assert server.seen == [(netserve.ConnectionTimeout, "idle_timeout")]
     server.server_close()
+
+
+class SendsAFile(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        try:
+            with open(self.server.path, "rb") as file:
+                self.request.sendfile(file)
+        except BaseException as exc:
+            self.server.seen.append((type(exc), getattr(exc, "setting", None)))
+            raise
+
+
+def test_sendfile_to_a_peer_that_does_not_read_ends_by_write_timeout(tmp_path: Any) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b"f" * 10_000_000)
+    server = make_server("threading", SendsAFile, write_timeout=0.3)
+    server.path = str(path)
+    with Serving(server), small_buffer_client(server.server_address) as client:
+        client.sendall(b"go\n")
+        done = threading.Event()
+        server.service_actions = lambda: server.seen and done.set()
+        assert done.wait(10)  # the stdlib's sendfile() would wait forever
+    assert server.seen == [(netserve.ConnectionTimeout, "write_timeout")]
+    assert server.reported == []
+    server.server_close()
+
+
+def test_sendfile_sends_the_whole_file_and_leaves_its_position_after_it(tmp_path: Any) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(bytes(range(256)) * 40)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        from netserve._limits import TimedAccept
+
+        sock, _ = TimedAccept()(listener, (None, 5.0, 5.0, None), time.monotonic, 5)
+        with sock, open(path, "rb") as file:
+            assert sock.sendfile(file, 100, 5000) == 5000
+            assert file.tell() == 5100
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == path.read_bytes()[100:5100]

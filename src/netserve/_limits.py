@@ -27,6 +27,7 @@ The hub's ``GreenSocket`` enforces the same settings on its own waits.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import sys
@@ -50,6 +51,8 @@ Timeouts = tuple[float | None, float | None, float | None, float | None]
 _TIMEVAL = struct.Struct("@ll")
 _NO_TIMEOUT = _TIMEVAL.pack(0, 0)
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+# os.sendfile() takes at most this much per call (a bound, not a buffer).
+_SENDFILE_CHUNK = 1 << 30
 
 # What a peer that goes away raises in a handler (ConnectionRefusedError is
 # a client's error, never a server's).
@@ -202,6 +205,36 @@ class TimedSocket(socket.socket):
             if self._ns_timed_out(flags):
                 raise self._ns_expired(True) from None
             raise
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """As ``socket.sendfile()``, with the write time-out.
+
+        The stdlib's waits for room without a limit once a blocking send has
+        timed out: a peer that never reads would hold it forever. Here the
+        kernel's copy (``os.sendfile``) runs until the time-out, then raises
+        ``ConnectionTimeout``. With a time-out of the handler's own, the
+        stdlib's rules apply.
+        """
+        if self.gettimeout() is not None or not hasattr(os, "sendfile"):
+            return super().sendfile(file, offset, count)
+        sent = 0
+        try:
+            source = file.fileno()
+            while count is None or sent < count:
+                if self._ns_deadline is not None:
+                    self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
+                chunk = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - sent)
+                try:
+                    done = os.sendfile(self.fileno(), source, offset + sent, chunk)
+                except BlockingIOError:
+                    raise self._ns_expired(True) from None
+                if not done:
+                    break  # the end of the file
+                sent += done
+        finally:
+            if sent and hasattr(file, "seek"):
+                file.seek(offset + sent)  # where a file read by send() would be
+        return sent
 
     # The calls rfile and wfile make (TimedSocket's own: the C methods, with no
     # Python call in between; AgedSocket's bound the wait by the age first).
