@@ -136,6 +136,7 @@ class GreenMixIn(_MixInBase):
     """Handle each request in a greenlet on a hub owned by the server."""
 
     _netserve_handles_inline = False
+    _netserve_fast_interrupt = True
 
     # A stream connection gets its greenlet (and handler) only once it has sent
     # something: an idle connection costs a socket, not a handler. Set False for
@@ -282,9 +283,31 @@ class GreenMixIn(_MixInBase):
 
     def _green_watch_listener(self, _: object) -> None:
         self._green_resume = None
+        if not self._green_accepting:
+            return  # drained (or stopped) since this was scheduled
         hub = self._green_hub
         hub.watch(self._green_listener_fd, self._green_accept)
         self._netserve_watching = True
+
+    def _netserve_stop_watching(self, timeout: float | None) -> None:
+        # drain(): stop accepting on the hub's thread (accepts run there, so
+        # none comes after this returns); the hub serves on.
+        if not self._green_accepting:
+            return  # not serving: nothing is watched
+
+        def stop() -> None:
+            self._green_accepting = False
+            if self._green_resume is not None:
+                self._green_resume.cancel()
+                self._green_resume = None
+            if self._netserve_watching:
+                self._netserve_watching = False
+                self._green_hub.unwatch(self._green_listener_fd)
+
+        try:
+            self._green_hub.run_sync(stop)
+        except RuntimeError:
+            pass  # the hub closed meanwhile: nothing is watched
 
     def _green_stop_accepting(self) -> None:
         hub = self._green_hub

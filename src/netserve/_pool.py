@@ -243,6 +243,7 @@ class ThreadPoolMixIn(_MixInBase):
     """Handle requests on a bounded pool of reused worker threads."""
 
     _netserve_handles_inline = False
+    _netserve_fast_interrupt = True
 
     # At most this many worker threads, started as requests need them.
     max_workers: int = 32
