@@ -405,3 +405,48 @@ def test_real_socket_activation(model: str, family: str, unix_path: str) -> None
     assert proc.returncode == 0, err
     # Its name, no LISTEN_* left, the reply.
     assert reply == b"web - HELLO\n"
+
+
+def test_the_example_under_systemd_socket_activate(unix_path: str) -> None:
+    tool = _socket_activate()
+    directory = os.path.dirname(unix_path)
+    notify_path = os.path.join(directory, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.settimeout(10)
+        manager.bind(notify_path)
+        proc = subprocess.Popen(
+            [
+                tool,
+                "-l",
+                unix_path,
+                "--fdname=echo",
+                "-E",
+                f"NOTIFY_SOCKET={notify_path}",
+                "--",
+                sys.executable,
+                str(ROOT / "examples" / "systemd_echo.py"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            assert proc.stdout is not None
+            listening = proc.stderr.readline()
+            assert listening.startswith("Listening on"), listening + proc.stderr.read()
+            with connect(unix_path, socket.AF_UNIX) as client:
+                client.sendall(b"hello\n")
+                assert client.recv(100) == b"HELLO\n"
+                assert proc.stdout.readline() == f"Serving echo on {unix_path}\n"
+                assert _fields(manager) == ["READY=1", "STATUS=serving echo"]
+                # systemctl stop, with a client still connected.
+                proc.terminate()
+                out, err = proc.communicate(timeout=30)
+            assert _fields(manager) == ["STOPPING=1"]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "Stopped\n"
