@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import socket
@@ -450,3 +451,41 @@ def test_the_example_under_systemd_socket_activate(unix_path: str) -> None:
                 proc.communicate()
     assert proc.returncode == 0, err
     assert out == "Stopped\n"
+
+
+# --- the docs page ---------------------------------------------------------------------------
+
+DOCS = ROOT / "docs" / "systemd.md"
+
+
+def _blocks(language: str) -> list[str]:
+    pattern = re.compile(rf"^```{language}\n(.*?)^```", re.MULTILINE | re.DOTALL)
+    return pattern.findall(DOCS.read_text())
+
+
+def test_the_docs_python_is_the_example_s() -> None:
+    example = (ROOT / "examples" / "systemd_echo.py").read_text()
+    blocks = _blocks("python")
+    assert len(blocks) == 3
+    for block in blocks:
+        assert block in example, block
+
+
+def test_the_docs_units_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing (Debian's systemd package)")
+        pytest.skip("systemd-analyze is not installed")
+    units = []
+    for block in _blocks("ini"):
+        name, _, text = block.partition("\n")
+        path = tmp_path / name.removeprefix("# ")
+        path.write_text(text)
+        units.append(str(path))
+    assert [os.path.basename(u) for u in units] == ["echo.socket", "echo.service"]
+    result = subprocess.run(
+        [tool, "verify", *units], capture_output=True, text=True, timeout=30, check=False
+    )
+    # It reports what it ignores on stderr, and still exits 0.
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
