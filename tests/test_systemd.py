@@ -155,6 +155,21 @@ def test_a_listener_that_comes_back_is_notified_again(
     assert len([r for r in caplog.records if r.name == "netserve.systemd"]) == 2
 
 
+def test_a_manager_that_stops_reading_costs_a_bounded_wait(
+    manager: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, address = manager  # bound, never read: its queue fills
+    caplog.set_level(logging.WARNING, logger="netserve.systemd")
+    with netserve.SystemdNotifier(address) as notifier:
+        notifier.timeout = 0.05
+        # The kernel queues a few hundred datagrams at most (net.unix.max_dgram_qlen).
+        sent = 0
+        while sent < 10_000 and notifier.watchdog():
+            sent += 1
+        assert 0 < sent < 10_000
+    assert "timed out" in caplog.text
+
+
 def test_an_address_that_is_not_a_unix_socket_disables_notification(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -176,6 +177,9 @@ class SystemdNotifier:
         self.address = address
         self._target: str | bytes | None = _notify_target(address)
         self._socket: socket.socket | None = None
+        # A supervisor may notify from more than one thread (its loop, a
+        # watchdog timer): one socket, and one failure log, between them.
+        self._lock = threading.Lock()
         self._failures = RateLimitedLog(_log, logging.WARNING)
 
     @property
@@ -189,18 +193,19 @@ class SystemdNotifier:
         target = self._target
         if target is None:
             return False
-        try:
-            sock = self._socket
-            if sock is None:
-                # socket.socket() is close-on-exec already (PEP 446).
-                sock = self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                sock.settimeout(self.timeout)
-            sock.sendto(message, target)
-        except OSError as exc:
-            self._failures.event("could not notify %s: %s", self.address, exc)
-            return False
-        self._failures.clear()
-        return True
+        with self._lock:
+            try:
+                sock = self._socket
+                if sock is None:
+                    # socket.socket() is close-on-exec already (PEP 446).
+                    sock = self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    sock.settimeout(self.timeout)
+                sock.sendto(message, target)
+            except OSError as exc:
+                self._failures.event("could not notify %s: %s", self.address, exc)
+                return False
+            self._failures.clear()
+            return True
 
     def ready(self, status: str | None = None) -> bool:
         """``READY=1``: start-up (or a reload) is complete; the service serves."""
@@ -229,7 +234,8 @@ class SystemdNotifier:
 
     def close(self) -> None:
         """Close the datagram socket; a later send opens another."""
-        sock, self._socket = self._socket, None
+        with self._lock:
+            sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
 
