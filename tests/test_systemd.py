@@ -349,7 +349,7 @@ def test_a_socket_of_a_kind_netserve_cannot_serve(unix_path: str) -> None:
         report = _activate([seqpacket], LISTEN_FDNAMES="seq")
     assert report["error"] == "UnusableSocketError"
     assert report["message"] == (
-        "descriptor 3 ('seq') is a AF_UNIX/SOCK_SEQPACKET socket; netserve serves "
+        "descriptor 3 ('seq') is an AF_UNIX/SOCK_SEQPACKET socket; netserve serves "
         "TCP, UDP and Unix stream or datagram sockets"
     )
 

@@ -136,7 +136,7 @@ def _check_usable(fd: int, name: str) -> None:
         probe.detach()
     if family not in _FAMILIES or kind not in _TYPES:
         raise UnusableSocketError(
-            f"{what} is a {_kind_name(family, kind)} socket; netserve serves "
+            f"{what} is an {_kind_name(family, kind)} socket; netserve serves "
             "TCP, UDP and Unix stream or datagram sockets"
         )
 
