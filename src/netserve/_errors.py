@@ -13,7 +13,9 @@ __all__ = [
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
+    "SocketActivationError",
     "StageError",
+    "UnusableSocketError",
 ]
 
 
@@ -63,6 +65,15 @@ class MissingExtraError(NetserveError, ImportError):
             f"`pip install 'netserve[{extra}]'`"
         )
         self.extra = extra
+
+
+class SocketActivationError(NetserveError, ValueError):
+    """The socket-activation variables (``LISTEN_FDS``, ...) are malformed."""
+
+
+class UnusableSocketError(NetserveError, ValueError):
+    """A socket handed to netserve cannot serve as asked (wrong family or type,
+    a stream socket that is not listening, not a socket at all)."""
 
 
 class NetserveWarning(UserWarning):
