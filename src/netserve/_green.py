@@ -46,7 +46,7 @@ from netserve._greensocket import GreenSocket
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import drain
 from netserve._servers import TCPServer, UDPServer
-from netserve._stages import Connection, check_deadline
+from netserve._stages import Connection, check_deadline, has_input
 
 try:
     import greenlet
@@ -545,9 +545,17 @@ class GreenMixIn(_MixInBase):
             self._green_hub.run_sync(self._green_close_parked_on_hub)
 
     def _green_close_parked_on_hub(self) -> None:
+        # Close the connections that sent nothing; start the handlers of those
+        # whose first bytes came before the hub saw them (a request, not an
+        # idle connection: the pool hands these to its workers alike).
         for sock in list(self._green_parked):
-            self._netserve_table.refuse(sock)
-            self._green_unpark(sock)
+            starter = sock.hub_reader
+            if isinstance(starter, _Starter) and has_input(sock):
+                sock.hub_reader = None
+                starter.switch()
+            else:
+                self._netserve_table.refuse(sock)
+                self._green_unpark(sock)
 
     def abort_connections(self) -> None:
         """End every handler's greenlet with ``GreenletExit`` (their ``finally``
