@@ -261,3 +261,25 @@ def test_served_from_an_inherited_descriptor(app_dir: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate(timeout=30)
+
+
+def test_a_stale_unix_file_is_replaced_and_abstract_names_work(app_dir: Path) -> None:
+    path = str(app_dir / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # as a killed server leaves it: bound, nothing accepts
+    stale.close()
+    with serving(app_dir, "app:Echo", "-b", f"unix:{path}") as (proc, _, address):
+        assert address == path
+        with connect(path, socket.AF_UNIX) as client:
+            client.sendall(b"s\n")
+            assert client.recv(100) == b"S\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert not os.path.exists(path)  # removed as the command stopped
+    name = f"netserve-cli-{os.getpid()}"
+    with serving(app_dir, "app:Echo", "-b", f"unix:@{name}") as (proc, _, address):
+        assert address == f"@{name}"
+        with connect("\0" + name, socket.AF_UNIX) as client:
+            client.sendall(b"a\n")
+            assert client.recv(100) == b"A\n"
+        proc.send_signal(signal.SIGTERM)

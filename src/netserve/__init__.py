@@ -105,8 +105,11 @@ __all__ += [
 if hasattr(_socket, "AF_UNIX"):
     from netserve._green import GreenUnixDatagramServer, GreenUnixStreamServer
     from netserve._pool import ThreadPoolUnixDatagramServer, ThreadPoolUnixStreamServer
+    from netserve._unix import PeerCredentials, peer_credentials
 
     __all__ += [
+        "PeerCredentials",
+        "peer_credentials",
         "GreenUnixDatagramServer",
         "GreenUnixStreamServer",
         "ThreadPoolUnixDatagramServer",

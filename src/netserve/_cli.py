@@ -40,6 +40,7 @@ from netserve._target import (
     load_target,
     server_maker,
 )
+from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 __all__ = ["BindAddress", "main", "parse_bind"]
 
@@ -63,9 +64,15 @@ class BindAddress:
         if isinstance(self.address, int):
             return f"fd://{self.address}"
         if isinstance(self.address, str):
-            return f"unix:{self.address}"
+            return f"unix:{_unix_text(self.address)}"
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unix_text(path: str | bytes) -> str:
+    if isinstance(path, bytes):
+        path = path.decode(errors="replace")
+    return "@" + path[1:] if path.startswith("\0") else path
 
 
 def parse_bind(text: str) -> BindAddress:
@@ -77,8 +84,10 @@ def parse_bind(text: str) -> BindAddress:
         return BindAddress(-1, int(number))
     if text.startswith("unix:"):
         path = text[len("unix:") :]
-        if not path:
+        if not path or path == "@":
             raise AddressError("unix: needs a path, as in unix:/tmp/netserve.sock")
+        if path.startswith("@"):
+            path = "\0" + path[1:]  # a Linux abstract name: no file at all
         return BindAddress(socket.AF_UNIX, path)
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
@@ -371,7 +380,13 @@ def _open(bind: BindAddress, kind: int, *, reuse_port: bool) -> socket.socket:
             # [::] is both stacks, explicitly (never left to net.ipv6.bindv6only).
             dual = bind.address[0] in ("::", "")
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-        sock.bind(bind.address)
+        if bind.family == socket.AF_UNIX:
+            # A stale file from a server that was killed is replaced; the file
+            # is removed when the command stops (see _run).
+            inode = bind_unix(sock, bind.address, replace_stale=True, mode=None)
+            _SOCKET_FILES.append((bind.address, inode))
+        else:
+            sock.bind(bind.address)
         if kind == socket.SOCK_STREAM:
             sock.listen(socket.SOMAXCONN)
     except OSError as exc:
@@ -409,7 +424,10 @@ def _address_text(server: Any) -> tuple[str, str]:
     sock = server.socket
     address = sock.getsockname()
     if sock.family == getattr(socket, "AF_UNIX", None):
-        return f"unix:{address}", f"nc -U {address}"
+        shown = _unix_text(address)
+        if shown.startswith("@"):
+            return f"unix:{shown}", f"socat - ABSTRACT-CONNECT:{shown[1:]}"
+        return f"unix:{shown}", f"nc -U {shown}"
     host, port = address[0], address[1]
     # A wildcard address is not one a client can connect to: name loopback.
     reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -471,8 +489,14 @@ def _run(servers: list[Any], args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if args.pid:
             _unlink_quietly(args.pid)
+        for path, inode in _SOCKET_FILES:
+            remove_socket_file(path, inode)
     print("netserve: stopped", flush=True)
     return 0
+
+
+# The Unix socket files this command bound: (path, inode), removed as it stops.
+_SOCKET_FILES: list[tuple[Any, FileIdentity | None]] = []
 
 
 def _unlink_quietly(path: str) -> None:

@@ -252,6 +252,10 @@ class ThreadPoolMixIn(_MixInBase):
 
     _netserve_handles_inline = False
     _netserve_fast_interrupt = True
+    # Unix sockets: a stale file left by a killed server is replaced, and the
+    # file is removed on close (docs/deploying.md).
+    unix_replace_stale = True
+    unix_remove_on_close = True
 
     # At most this many worker threads, started as requests need them.
     max_workers: int = 32

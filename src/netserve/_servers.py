@@ -59,6 +59,7 @@ from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
 from netserve._stages import Connection, Stage, check_deadline, run_stages
+from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
     from netserve._handlers import BaseRequestHandler
@@ -706,6 +707,13 @@ class TCPServer(BaseServer):
     allow_reuse_port: bool = False
     # Accepts with netserve's time-outs, once any is set (see _limits).
     _netserve_timed_accept: TimedAccept | None = None
+    # Unix sockets (see _unix): replace a stale socket file on bind (the new
+    # models), remove the file on server_close(), and the file's mode. Off in
+    # the stdlib's classes, which keep the stdlib's EADDRINUSE.
+    unix_replace_stale: bool = False
+    unix_remove_on_close: bool = False
+    unix_mode: int | None = None
+    _netserve_unix_inode: FileIdentity | None = None
 
     def __init__(
         self,
@@ -736,7 +744,15 @@ class TCPServer(BaseServer):
             and self.address_family in (socket.AF_INET, socket.AF_INET6)
         ):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(self.server_address)
+        if self.address_family == getattr(socket, "AF_UNIX", None):
+            self._netserve_unix_inode = bind_unix(
+                sock,
+                self.server_address,
+                replace_stale=self.unix_replace_stale,
+                mode=self.unix_mode,
+            )
+        else:
+            sock.bind(self.server_address)
         # Port 0 (or an abstract Unix name) resolves to the real address here.
         self.server_address = sock.getsockname()
 
@@ -750,8 +766,10 @@ class TCPServer(BaseServer):
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
-        """Close the listening socket."""
+        """Close the listening socket (and, with ``unix_remove_on_close``, its file)."""
         self.socket.close()
+        if self.unix_remove_on_close:
+            remove_socket_file(self.server_address, self._netserve_unix_inode)
 
     def _netserve_close_listener(self) -> None:
         self.socket.close()

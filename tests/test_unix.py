@@ -1,0 +1,95 @@
+"""Unix-domain sockets that behave (issue 13, section 3): stale files, clean-up,
+mode, abstract names, peer credentials."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Any
+
+import pytest
+
+import netserve
+from tests.conftest import Serving, connect, recv_all
+
+
+class Creds(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        peer = netserve.peer_credentials(self.request)
+        self.wfile.write(b"%d %d %d\n" % (peer.pid, peer.uid, peer.gid))
+
+
+def stale_socket_file(path: str) -> None:
+    """A socket file nothing accepts on, as a killed server leaves it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()
+
+
+def test_the_stdlib_classes_keep_eaddrinuse_on_a_stale_file(unix_path: str) -> None:
+    stale_socket_file(unix_path)
+    with pytest.raises(OSError) as raised:
+        netserve.UnixStreamServer(unix_path, Creds)
+    assert raised.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize(
+    "cls", [netserve.ThreadPoolUnixStreamServer, netserve.GreenUnixStreamServer]
+)
+def test_the_new_models_replace_a_stale_file_and_remove_theirs(unix_path: str, cls: type) -> None:
+    stale_socket_file(unix_path)
+    server: Any = cls(unix_path, Creds)
+    with Serving(server), connect(unix_path, socket.AF_UNIX) as client:
+        client.sendall(b"who\n")
+        # The peer's credentials, as the kernel saw them at connect().
+        assert recv_all(client) == b"%d %d %d\n" % (os.getpid(), os.getuid(), os.getgid())
+    assert not os.path.exists(unix_path)  # removed on server_close()
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_live_socket_or_another_file_is_never_replaced(unix_path: str, live: bool) -> None:
+    if live:
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.bind(unix_path)
+        holder.listen()
+    else:
+        with open(unix_path, "w") as regular:
+            regular.write("not a socket")
+    try:
+        with pytest.raises(OSError) as raised:
+            netserve.ThreadPoolUnixStreamServer(unix_path, Creds)
+        assert raised.value.errno == errno.EADDRINUSE
+        assert os.path.exists(unix_path)
+    finally:
+        if live:
+            holder.close()
+
+
+def test_the_stdlib_classes_leave_their_file_and_the_mode_applies(unix_path: str) -> None:
+    cls = type("Private", (netserve.UnixStreamServer,), {"unix_mode": 0o600})
+    server = cls(unix_path, Creds)
+    server.server_close()
+    assert stat.S_IMODE(os.stat(unix_path).st_mode) == 0o600
+    assert os.path.exists(unix_path)  # as the stdlib leaves it
+
+
+def test_a_replaced_file_is_not_removed_by_the_old_server(unix_path: str) -> None:
+    server = netserve.ThreadPoolUnixStreamServer(unix_path, Creds)
+    server.socket.close()
+    os.unlink(unix_path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with other:
+        other.bind(unix_path)  # someone else's now
+        server.server_close()
+        assert os.path.exists(unix_path)
+
+
+def test_an_abstract_name_has_no_file() -> None:
+    name = f"\0netserve-test-{os.getpid()}"
+    server = netserve.ThreadPoolUnixStreamServer(name, Creds)
+    with Serving(server), connect(name, socket.AF_UNIX) as client:
+        client.sendall(b"who\n")
+        assert recv_all(client).startswith(b"%d " % os.getpid())
