@@ -141,6 +141,9 @@ class GreenMixIn(_MixInBase):
     # file is removed on close (docs/deploying.md).
     unix_replace_stale = True
     unix_remove_on_close = True
+    # A datagram longer than max_packet_size is dropped and counted, never
+    # cut silently (docs/limits.md).
+    oversized_datagrams = "drop"
 
     # A stream connection gets its greenlet (and handler) only once it has sent
     # something: an idle connection costs a socket, not a handler. Set False for

@@ -33,6 +33,7 @@ Where netserve differs on purpose (each listed in the README):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import select
@@ -92,6 +93,7 @@ _ABORT_WAIT = 5.0
 
 _RULE = "-" * 40
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_TRUNCATED = int(getattr(socket, "MSG_TRUNC", 0))
 _NO_TIMEOUTS = (None, None, None, None)
 # Marks the wake-up socket among the selector's keys.
 _WAKER = "netserve-waker"
@@ -809,8 +811,27 @@ class UDPServer(TCPServer):
     socket_type: int = socket.SOCK_DGRAM
     allow_reuse_address: bool = False
     allow_reuse_port: bool = False
-    # Longer datagrams are truncated to this size, silently, as in the stdlib.
+    # The longest datagram handed to a handler.
     max_packet_size: int = 8192
+    # A longer one: "truncate" (cut to max_packet_size, silently, as the
+    # stdlib does) or "drop" (counted in refused and logged: the new models).
+    oversized_datagrams: str = "truncate"
+    # SO_RCVBUF for the socket (None: the system's default). A burst of small
+    # datagrams overflows the default buffer; the kernel caps the size at
+    # net.core.rmem_max, and the size it took is logged on netserve.limits.
+    receive_buffer_size: int | None = None
+
+    def server_bind(self) -> None:
+        """Bind as a stream server does; apply ``receive_buffer_size`` first."""
+        if self.receive_buffer_size is not None:
+            sock = self.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer_size)
+            _limits_log.info(
+                "datagram receive buffer: asked for %d bytes, the kernel gave %d",
+                self.receive_buffer_size,
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            )
+        super().server_bind()
 
     def server_activate(self) -> None:
         """Datagram sockets do not listen."""
@@ -820,8 +841,28 @@ class UDPServer(TCPServer):
         # Only called once the socket is readable; MSG_DONTWAIT still keeps the
         # loop from blocking when another process sharing the socket took the
         # datagram first (EAGAIN is "nothing to take" to the accept routine).
-        data, client_address = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
+        if self.oversized_datagrams == "truncate":
+            data, client_address = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
+            return (data, self.socket), client_address
+        data, _, flags, client_address = self.socket.recvmsg(self.max_packet_size, 0, _DONTWAIT)
+        if flags & _TRUNCATED:
+            self._netserve_table.shed()
+            self._netserve_oversized_log().event(
+                "dropped a datagram from %s longer than max_packet_size (%d bytes)",
+                client_address,
+                self.max_packet_size,
+            )
+            # Nothing to hand over: to the accept routine, "nothing to take".
+            raise BlockingIOError(errno.EAGAIN, "an oversized datagram was dropped")
         return (data, self.socket), client_address
+
+    def _netserve_oversized_log(self) -> RateLimitedLog:
+        logged: RateLimitedLog | None = vars(self).get("_netserve_oversized")
+        if logged is None:
+            logged = self._netserve_oversized = RateLimitedLog(
+                _limits_log, logging.WARNING, clock=self._netserve_table.clock
+            )
+        return logged
 
     def shutdown_request(self, request: _Request) -> None:
         """Nothing to half-close: the socket is the server's."""

@@ -1,5 +1,5 @@
-"""Unix-domain sockets that behave (issue 13, section 3): stale files, clean-up,
-mode, abstract names, peer credentials."""
+"""Addresses that behave (issue 13, section 3): Unix stale files, clean-up,
+mode, abstract names, peer credentials; datagrams past max_packet_size."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import netserve
-from tests.conftest import Serving, connect, recv_all
+from tests.conftest import LogEvent, Serving, connect, recv_all
 
 
 class Creds(netserve.StreamRequestHandler):
@@ -93,3 +93,51 @@ def test_an_abstract_name_has_no_file() -> None:
     with Serving(server), connect(name, socket.AF_UNIX) as client:
         client.sendall(b"who\n")
         assert recv_all(client).startswith(b"%d " % os.getpid())
+
+
+# -- datagrams (issue 13, section 3) ---------------------------------------------------
+
+
+class Length(netserve.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(b"%d" % len(self.rfile.read()))
+
+
+@pytest.mark.parametrize(
+    ("cls", "first_reply"),
+    [
+        (netserve.UDPServer, b"8192"),  # the stdlib's: cut, silently
+        (netserve.ThreadPoolUDPServer, None),  # the new models: dropped, counted
+        (netserve.GreenUDPServer, None),
+    ],
+)
+def test_a_datagram_longer_than_max_packet_size(cls: type, first_reply: bytes | None) -> None:
+    server: Any = cls(("127.0.0.1", 0), Length)
+    with (
+        LogEvent("netserve.limits", "longer than max_packet_size") as dropped,
+        Serving(server),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(10)
+        client.sendto(b"x" * 9000, server.server_address)
+        if first_reply is not None:
+            assert client.recv(100) == first_reply
+        else:
+            assert dropped.event.wait(10)
+        client.sendto(b"y" * 10, server.server_address)
+        assert client.recv(100) == b"10"
+    stats = server.statistics()
+    assert (stats.refused, stats.handled) == ((0, 2) if first_reply else (1, 1))
+    server.server_close()
+
+
+def test_receive_buffer_size_is_applied_and_logged() -> None:
+    cls = type("Buffered", (netserve.ThreadPoolUDPServer,), {"receive_buffer_size": 65536})
+    with LogEvent("netserve.limits", "receive buffer") as logged:
+        server: Any = cls(("127.0.0.1", 0), Length)
+    with server:
+        given = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert given >= 65536  # Linux doubles what it is asked for
+        assert logged.messages == [
+            f"datagram receive buffer: asked for 65536 bytes, the kernel gave {given}"
+        ]
