@@ -12,11 +12,13 @@ from netserve._compat import install_as_socketserver, restore_socketserver
 from netserve._connections import ServerStatistics
 from netserve._errors import (
     AddressError,
+    ConfigurationError,
     ConnectionTimeout,
     LineTooLong,
     MissingExtraError,
     NetserveError,
     NetserveWarning,
+    ProxyProtocolError,
     StageError,
 )
 from netserve._green import (
@@ -109,10 +111,12 @@ __all__ += [
     "restore_socketserver",
     # netserve's own: errors and warnings.
     "AddressError",
+    "ConfigurationError",
     "ConnectionTimeout",
     "LineTooLong",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
+    "ProxyProtocolError",
     "StageError",
 ]
