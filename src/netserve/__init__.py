@@ -36,6 +36,8 @@ from netserve._pool import (
     ThreadPoolTCPServer,
     ThreadPoolUDPServer,
 )
+from netserve._proxy import proxy_header
+from netserve._proxyproto import ProxyHeader
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._threading import ThreadingMixIn
 
@@ -109,6 +111,9 @@ __all__ += [
     # netserve's own: running stdlib code on netserve.
     "install_as_socketserver",
     "restore_socketserver",
+    # netserve's own: the PROXY protocol.
+    "ProxyHeader",
+    "proxy_header",
     # netserve's own: errors and warnings.
     "AddressError",
     "ConfigurationError",

@@ -58,6 +58,7 @@ from netserve._errors import StageError
 from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
+from netserve._proxy import ProxyPolicy, proxy_policy
 from netserve._stages import Connection, Stage, check_deadline, run_stages
 
 if TYPE_CHECKING:
@@ -130,12 +131,19 @@ class BaseServer:
     # Whether a client's fault that ends a handler (a reset or broken pipe,
     # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
     client_faults_are_errors: bool = True
+    # The PROXY protocol header expected first on each stream connection: None
+    # (off), "v1", "v2" or "any"; and the peers that send it (addresses,
+    # networks, "unix"), which it requires. Others are refused (docs in _proxy).
+    proxy_protocol: str | None = None
+    proxy_trusted: Any = None
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
     # Whether this class overrides _netserve_stages(): worked out once per class,
     # so that a server without stages asks for none on every connection.
     _netserve_has_stages: ClassVar[bool] = False
+    # The PROXY protocol policy, from the two attributes above (None: off).
+    _netserve_proxy: ProxyPolicy | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -150,6 +158,10 @@ class BaseServer:
         self._netserve_table = ConnectionTable()
         self._netserve_watching = False
         self._netserve_close_pending = False
+        proxy = proxy_policy(self)  # ConfigurationError if the attributes contradict
+        if proxy is not None:
+            self._netserve_proxy = proxy
+            vars(self)["_netserve_has_stages"] = True  # its stage, whatever the class
 
     # -- hooks a concrete server supplies -------------------------------------------
 
@@ -505,8 +517,10 @@ class BaseServer:
 
     def _netserve_stages(self) -> list[Stage]:
         """Fresh stages for one new stream connection, in order; a mix-in adds its
-        own to what ``super()`` returns. Called only in classes that override it."""
-        return []
+        own to what ``super()`` returns. Called only in classes that override it,
+        or that speak the PROXY protocol (whose stage comes first)."""
+        proxy = self._netserve_proxy
+        return [] if proxy is None else [proxy.stage()]
 
     def _netserve_stage_deadline(self) -> float | None:
         limit = self.stage_timeout

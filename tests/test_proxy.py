@@ -1,0 +1,245 @@
+"""The PROXY protocol on a server (_proxy): the stage and the trusted-peer policy,
+in every model, with a raw socket client sending v1 and v2 headers."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+import netserve
+from netserve._proxy import proxy_policy
+from netserve._proxyproto import V2_SIGNATURE, crc32c
+from tests.conftest import Serving, connect, recv_all
+from tests.models import MODELS
+
+
+def v2(command: int, family: int, body: bytes) -> bytes:
+    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+def v2_inet6_with_tlvs() -> bytes:
+    src = ipaddress.IPv6Address("2001:db8::7").packed
+    dst = ipaddress.IPv6Address("2001:db8::1").packed
+    body = src + dst + struct.pack("!HH", 40000, 443) + tlv(0x02, b"example.org")
+    header = bytearray(v2(1, 0x21, body + tlv(0x03, b"\0\0\0\0")))
+    header[-4:] = struct.pack("!I", crc32c(bytes(header)))
+    return bytes(header)
+
+
+class Report(netserve.StreamRequestHandler):
+    """Answers one line with what it knows of the client, then the line."""
+
+    def handle(self) -> None:
+        header = netserve.proxy_header(self.request)
+        seen = {
+            "client": repr(self.client_address),
+            "command": None if header is None else header.command.name,
+            "authority": None if header is None else header.authority,
+        }
+        line = self.rfile.readline()
+        self.wfile.write(json.dumps(seen).encode() + b"\n" + line)
+
+
+class Quiet:
+    errors: list[Any]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.errors.append(client_address)
+
+
+def make(model: str, kind: str = "tcp", **attributes: Any) -> Any:
+    base = getattr(MODELS[model], kind)
+    attributes.setdefault("proxy_protocol", "any")
+    attributes.setdefault("proxy_trusted", ["127.0.0.0/8"])
+    return type("Server", (Quiet, base), {"errors": [], **attributes})
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def exchange(address: Any, *pieces: bytes, family: int = socket.AF_INET) -> tuple[Any, bytes]:
+    """Send the pieces one write each, then read the reply: (what the handler saw, the rest)."""
+    with connect(address, family) as client:
+        if family != socket.AF_UNIX:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            client.sendall(piece)
+        client.shutdown(socket.SHUT_WR)
+        reply = recv_all(client)
+        local = client.getsockname()
+    if not reply:
+        return None, b""
+    seen, _, rest = reply.partition(b"\n")
+    return (json.loads(seen), local), rest
+
+
+def closed_unheard(address: Any, data: bytes) -> bool:
+    """Whether the server closes a connection that sent ``data`` without a word."""
+    with connect(address) as client:
+        try:
+            client.sendall(data)
+            return recv_all(client) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True  # closed before (or as) the data arrived
+
+
+def test_v1_and_v2_headers_give_the_handler_the_original_client(model: str) -> None:
+    server = make(model)(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        # A v1 header and the payload in one write: the payload reaches the handler.
+        got, rest = exchange(serving.address, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n")
+        assert got[0] == {"client": "('203.0.113.7', 5555)", "command": "PROXY", "authority": None}
+        assert rest == b"hi\n"
+        # A v2 header with TLVs, one byte at a time, the payload after it.
+        data = v2_inet6_with_tlvs() + b"after\n"
+        got, rest = exchange(serving.address, *(data[i : i + 1] for i in range(len(data))))
+        assert got[0] == {
+            "client": "('2001:db8::7', 40000, 0, 0)",
+            "command": "PROXY",
+            "authority": "example.org",
+        }
+        assert rest == b"after\n"
+        # HAProxy's health check (LOCAL): the socket's own address stands.
+        got, rest = exchange(serving.address, v2(0, 0x00, b"") + b"check\n")
+        assert got[0] == {"client": repr(got[1]), "command": "LOCAL", "authority": None}
+        assert rest == b"check\n"
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.stage_failures, stats.refused, stats.active) == (3, 0, 0, 0)
+    assert server.errors == []
+
+
+def test_a_bad_header_closes_the_connection_without_a_handler(model: str) -> None:
+    server = make(model, proxy_protocol="v2")(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        # A v1 header where v2 is expected: no guessing.
+        assert closed_unheard(serving.address, b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nx\n")
+        assert closed_unheard(serving.address, b"GET / HTTP/1.0\r\n\r\n")
+        bad_crc = bytearray(v2_inet6_with_tlvs())
+        bad_crc[-1] ^= 1
+        assert closed_unheard(serving.address, bytes(bad_crc))
+        # Closed before the header is complete.
+        assert exchange(serving.address, V2_SIGNATURE) == (None, b"")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.stage_failures, stats.handled, stats.errors, stats.active) == (4, 0, 0, 0)
+    assert server.errors == []
+
+
+def test_a_peer_outside_proxy_trusted_is_refused_before_its_stage(model: str) -> None:
+    calls: list[Any] = []
+    cls = make(model, proxy_trusted=["10.0.0.0/8", "192.0.2.1"])
+    cls.verify_request = lambda self, request, address: calls.append(address) or True
+    server = cls(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        assert closed_unheard(serving.address, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.refused, stats.handled, stats.stage_failures, stats.errors) == (1, 0, 0, 0)
+    assert calls == []  # refused in verify_request's place, before it
+    assert server.errors == []
+
+
+def test_unix_stream_servers_trust_unix_peers(model: str, unix_path: str) -> None:
+    server = make(model, "unix_stream", proxy_trusted="unix")(unix_path, Report)
+    with Serving(server, close=False) as serving:
+        block = b"/run/client.sock".ljust(108, b"\0") + unix_path.encode().ljust(108, b"\0")
+        got, rest = exchange(serving.address, v2(1, 0x31, block) + b"x\n", family=socket.AF_UNIX)
+        assert got[0] == {"client": "'/run/client.sock'", "command": "PROXY", "authority": None}
+        assert rest == b"x\n"
+    server.server_close()
+    assert server.statistics().handled == 1
+
+
+def test_verify_request_still_sees_the_proxys_address() -> None:
+    seen: list[Any] = []
+    cls = make("threading")
+    cls.verify_request = lambda self, request, address: seen.append(address) or True
+    server = cls(("127.0.0.1", 0), Report)
+    with Serving(server) as serving:
+        got, _ = exchange(serving.address, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n")
+        assert got[0]["client"] == "('203.0.113.7', 5555)"
+    assert seen == [got[1]]
+
+
+def test_without_the_protocol_there_is_no_header() -> None:
+    class NoProxy(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(repr(netserve.proxy_header(self.request)).encode())
+
+    server = netserve.ThreadingTCPServer(("127.0.0.1", 0), NoProxy)
+    with Serving(server) as serving, connect(serving.address) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n")
+        assert recv_all(client) == b"None"
+    assert netserve.proxy_header(object()) is None
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"proxy_trusted": None}, "proxy_trusted is not"),
+        ({"proxy_trusted": []}, "proxy_trusted is not"),
+        ({"proxy_protocol": "v3"}, "must be None"),
+        ({"proxy_trusted": ["10.0.0.0/33"]}, "not an address"),
+        ({"proxy_trusted": ["localhost"]}, "not an address"),
+    ],
+)
+def test_contradictory_attributes_fail_at_construction(
+    attributes: dict[str, Any], message: str
+) -> None:
+    cls = make("threading", **attributes)
+    with pytest.raises(netserve.ConfigurationError, match=message):
+        cls(("127.0.0.1", 0), Report)
+
+
+def test_datagram_and_unix_servers_say_what_is_wrong(unix_path: str) -> None:
+    with pytest.raises(netserve.ConfigurationError, match="datagram"):
+        make("threading", "udp")(("127.0.0.1", 0), Report)
+    with pytest.raises(netserve.ConfigurationError, match="'unix'"):
+        make("threading", "unix_stream")(unix_path, Report)
+
+
+class Policy:
+    proxy_protocol = "any"
+    socket_type = socket.SOCK_STREAM
+    address_family = socket.AF_INET6
+
+    def __init__(self, trusted: Any) -> None:
+        self.proxy_trusted = trusted
+
+
+def test_trusted_forms() -> None:
+    policy = proxy_policy(
+        Policy(
+            [
+                "10.0.0.0/8",
+                "192.0.2.9",
+                ipaddress.ip_address("2001:db8::1"),
+                ipaddress.ip_network("fd00::/8"),
+            ]
+        )
+    )
+    assert policy is not None
+    assert policy.trusts(("10.200.0.1", 1))
+    assert policy.trusts(("192.0.2.9", 1))
+    assert not policy.trusts(("192.0.2.10", 1))
+    assert policy.trusts(("2001:db8::1", 1, 0, 0))
+    assert policy.trusts(("fd12::1%eth0", 1, 0, 3))
+    assert policy.trusts(("::ffff:10.1.2.3", 1, 0, 0))  # a dual-stack listener's IPv4 peer
+    assert not policy.trusts(("::1", 1, 0, 0))
+    assert not policy.trusts("")  # no address at all
+    single = proxy_policy(Policy("127.0.0.1"))  # one entry as a string, not its characters
+    assert single is not None
+    assert single.trusts(("127.0.0.1", 1))
+    assert proxy_policy(object()) is None  # proxy_protocol unset: off
