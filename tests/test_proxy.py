@@ -349,3 +349,14 @@ def test_a_live_fuzz_of_headers_leaves_the_server_serving(model: str) -> None:
     assert (stats.errors, stats.active, stats.refused) == (0, 0, 0)
     assert server.errors == []
     assert 0 < len(answered) < FUZZ_CONNECTIONS
+
+
+@pytest.mark.parametrize("model", ["threading", "pool", "hub"])
+def test_a_header_that_never_completes_ends_at_the_stage_deadline(model: str) -> None:
+    server = make(model, stage_timeout=0.3)(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving, connect(serving.address) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.7 ")  # and nothing more
+        assert recv_all(client) == b""  # closed by the server, within the test's timeout
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.timeouts, stats.stage_failures, stats.handled, stats.errors) == (1, 0, 0, 0)
