@@ -205,11 +205,81 @@ def test_contradictory_attributes_fail_at_construction(
         cls(("127.0.0.1", 0), Report)
 
 
-def test_datagram_and_unix_servers_say_what_is_wrong(unix_path: str) -> None:
-    with pytest.raises(netserve.ConfigurationError, match="datagram"):
-        make("threading", "udp")(("127.0.0.1", 0), Report)
+def test_a_unix_server_without_unix_trusted_says_what_is_wrong(unix_path: str) -> None:
     with pytest.raises(netserve.ConfigurationError, match="'unix'"):
         make("threading", "unix_stream")(unix_path, Report)
+
+
+# -- datagrams: a v2 header on each ------------------------------------------------------
+
+
+class DatagramReport(netserve.DatagramRequestHandler):
+    """Replies, through the stdlib's reply path, with what it saw and the payload."""
+
+    def handle(self) -> None:
+        header = netserve.proxy_header(self.request)
+        assert header is not None
+        seen = {"client": repr(self.client_address), "command": header.command.name}
+        self.wfile.write(json.dumps(seen).encode() + b"\n" + self.rfile.read())
+
+
+def dgram_header(command: int = 1) -> bytes:
+    block = socket.inet_aton("198.51.100.4") + socket.inet_aton("192.0.2.1") + b"\x13\x88\x00\x35"
+    return v2(command, 0x12, block)
+
+
+def ask_datagram(address: Any, data: bytes) -> tuple[Any, bytes, Any]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as proxy:
+        proxy.settimeout(10)
+        proxy.bind(("127.0.0.1", 0))
+        proxy.sendto(data, address)
+        reply, source = proxy.recvfrom(65536)
+        assert source == address  # the reply comes back to the proxy, from the server
+        seen, _, rest = reply.partition(b"\n")
+        return json.loads(seen), rest, proxy.getsockname()
+
+
+def test_datagrams_each_carry_a_header_and_replies_go_back_through_the_proxy(model: str) -> None:
+    server = make(model, "udp")(("127.0.0.1", 0), DatagramReport)
+    with Serving(server, close=False) as serving:
+        seen, rest, _ = ask_datagram(serving.address, dgram_header() + b"query")
+        assert seen == {"client": "('198.51.100.4', 5000)", "command": "PROXY"}
+        assert rest == b"query"
+        seen, rest, proxy = ask_datagram(serving.address, dgram_header(0) + b"check")
+        assert seen == {"client": repr(proxy), "command": "LOCAL"}
+        assert rest == b"check"
+        # Without a header: dropped and counted (then one more that is answered,
+        # so that the drop has been counted before the server closes).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"no header", serving.address)
+        ask_datagram(serving.address, dgram_header() + b"again")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.stage_failures, stats.errors) == (3, 1, 0)
+    assert server.errors == []
+
+
+def ask_datagram_from(source: str, address: Any, data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as proxy:
+        proxy.settimeout(10)
+        proxy.bind((source, 0))
+        proxy.sendto(data, address)
+        return proxy.recv(65536)
+
+
+def test_a_datagram_from_an_untrusted_peer_is_refused(model: str) -> None:
+    server = make(model, "udp", proxy_trusted=["127.0.0.2"])(("127.0.0.1", 0), DatagramReport)
+    with Serving(server, close=False) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as untrusted:
+            untrusted.bind(("127.0.0.1", 0))
+            untrusted.sendto(dgram_header() + b"x", serving.address)
+        # Datagrams are taken in order: once the trusted one is answered, the
+        # other has been refused.
+        reply = ask_datagram_from("127.0.0.2", serving.address, dgram_header() + b"y")
+        assert reply.endswith(b"\ny")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.refused, stats.handled, stats.stage_failures) == (1, 1, 0)
 
 
 class Policy:

@@ -20,8 +20,13 @@ handler sees.
 * Anything invalid (a bad header, a peer that closes first) fails the stage:
   the connection is closed and counted, never ``handle_error()``.
 
-Datagram servers (a v2 header on each datagram) are not covered yet: setting
-``proxy_protocol`` on one raises ``ConfigurationError``.
+Datagram servers: each datagram starts with its own header (a v2 header with
+the DGRAM transport, as dnsdist sends it), parsed when its request runs. The
+handler's ``client_address`` is the original client, and the request's socket
+is a ``ProxiedDatagramSocket``: ``sendto(data, client_address)`` goes to the
+proxy, the datagram's real source, so an unchanged ``DatagramRequestHandler``
+replies through it. A datagram without a valid header is dropped and counted
+as a stage failure.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ def proxy_header(request: Any) -> ProxyHeader | None:
     client connected to (``destination``), whether it was a health check
     (``command`` LOCAL), and the TLVs (ALPN, authority, TLS details, cloud ids).
     """
+    if isinstance(request, tuple) and len(request) == 2:
+        request = request[1]  # a datagram's (data, socket)
     # A stage's wrapper (PrefixedSocket) keeps the accepted socket as ``_sock``.
     for _ in range(8):
         if request is None:
@@ -105,6 +112,36 @@ class ProxyStage(Stage):
         return DONE
 
 
+class ProxiedDatagramSocket:
+    """A datagram server's socket as a handler behind a proxy sees it.
+
+    Everything is the socket's, except that ``sendto()`` to the original
+    client (the handler's ``client_address``) goes to the proxy instead.
+    """
+
+    def __init__(self, sock: Any, proxy_address: Any, client_address: Any) -> None:
+        self._sock = sock
+        self._proxy_address = proxy_address
+        self._client_address = client_address
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def __repr__(self) -> str:
+        return f"<ProxiedDatagramSocket via {self._proxy_address!r} of {self._sock!r}>"
+
+    def sendto(self, data: Any, flags_or_address: Any, address: Any = None) -> int:
+        """As ``socket.sendto(data[, flags], address)``."""
+        if address is None:
+            flags, address = 0, flags_or_address
+        else:
+            flags = flags_or_address
+        if address == self._client_address:
+            address = self._proxy_address
+        sent: int = self._sock.sendto(data, flags, address)
+        return sent
+
+
 class ProxyPolicy:
     """A server's PROXY protocol settings, checked once at construction."""
 
@@ -121,6 +158,19 @@ class ProxyPolicy:
 
     def stage(self) -> ProxyStage:
         return ProxyStage(self.version)
+
+    def datagram(self, request: Any, client_address: Any) -> tuple[Any, Any]:
+        """A datagram's (request, client_address) past its header (the
+        payload, and the original client); ProxyProtocolError if it has none."""
+        data, sock = request
+        result = parse_header(data, self.version)
+        if result is None:
+            raise ProxyProtocolError("a datagram with an incomplete PROXY protocol header")
+        header, used = result
+        client = client_address if header.source is None else header.source
+        proxied = ProxiedDatagramSocket(sock, client_address, client)
+        _headers[proxied] = header
+        return (data[used:], proxied), client
 
     def trusts(self, client_address: Any) -> bool:
         """Whether the peer at ``client_address`` (as accept() gave it) may
@@ -152,10 +202,6 @@ def proxy_policy(server: Any) -> ProxyPolicy | None:
     if version not in _VERSIONS:
         raise ConfigurationError(
             f"proxy_protocol must be None, 'v1', 'v2' or 'any', not {version!r}"
-        )
-    if getattr(server, "socket_type", socket.SOCK_STREAM) != socket.SOCK_STREAM:
-        raise ConfigurationError(
-            "proxy_protocol on a datagram server is not supported yet (stream servers only)"
         )
     trusted = getattr(server, "proxy_trusted", None)
     if not trusted:

@@ -483,6 +483,14 @@ class BaseServer:
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
                     return self._netserve_stage_bug(staged)
+        elif staged is None and self._netserve_proxy is not None:
+            # A datagram behind a proxy: its own header first (see _proxy).
+            try:
+                request, client_address = self._netserve_proxy.datagram(request, client_address)
+            except StageError as exc:
+                self._netserve_table.stage_failed(original, timed_out=False)
+                _stage_log.debug("datagram from %s dropped: %r", client_address, exc)
+                return STAGE_FAILED
         if staged is not None:
             request, client_address = staged.request, staged.client_address
         outcome = HANDLED
