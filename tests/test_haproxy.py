@@ -45,7 +45,7 @@ listen v2
     bind fd@{v2}
     server netserve {backend} send-proxy-v2 proxy-v2-options {options}
 listen tls
-    bind fd@{tls} ssl crt {pem} alpn h2,http/1.1
+    bind fd@{tls} ssl crt {pem} alpn h2,http/1.1 verify optional ca-file {ca}
     server netserve {backend} send-proxy-v2-ssl-cn proxy-v2-options {options}
 listen health
     bind fd@{health}
@@ -86,6 +86,9 @@ class Seen(netserve.StreamRequestHandler):
             if ssl_info is None
             else {
                 "used": ssl_info.client_used_ssl,
+                "client_cert": ssl_info.client_cert,
+                "verified": ssl_info.verified,
+                "cn": ssl_info.cn,
                 "verify": ssl_info.verify,
                 "version": ssl_info.version,
                 "cipher": ssl_info.cipher,
@@ -119,6 +122,8 @@ def behind_haproxy(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ns-haproxy-") as directory:
         pem = os.path.join(directory, "server.pem")
         ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(pem)
+        ca_file = os.path.join(directory, "ca.pem")
+        ca.cert_pem.write_to_path(ca_file)
         try:
             for name in ("v1", "v2", "tls", "health"):
                 sock = listeners[name] = socket.socket()
@@ -131,6 +136,7 @@ def behind_haproxy(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
                     CONFIG.format(
                         backend=f"{host}:{port}",
                         pem=pem,
+                        ca=ca_file,
                         options=OPTIONS,
                         **{name: sock.fileno() for name, sock in listeners.items()},
                     )
@@ -201,6 +207,9 @@ def test_send_proxy_v2_with_tlvs_from_a_plain_client(behind_haproxy: dict[str, A
     # HAProxy sends the SSL TLV with zero flags and verify 0 to a plain client.
     assert report["ssl"] == {
         "used": False,
+        "client_cert": False,
+        "verified": False,
+        "cn": None,
         "verify": 0,
         "version": None,
         "cipher": None,
@@ -212,11 +221,21 @@ def test_send_proxy_v2_with_tlvs_from_a_plain_client(behind_haproxy: dict[str, A
     assert behind_haproxy["errors"] == []
 
 
-def test_send_proxy_v2_ssl_cn_while_haproxy_terminates_tls(behind_haproxy: dict[str, Any]) -> None:
+@pytest.mark.parametrize("client_cert", [False, True])
+def test_send_proxy_v2_ssl_cn_while_haproxy_terminates_tls(
+    behind_haproxy: dict[str, Any], client_cert: bool
+) -> None:
+    ca: trustme.CA = behind_haproxy["ca"]
     context = ssl.create_default_context()
-    behind_haproxy["ca"].configure_trust(context)
+    ca.configure_trust(context)
     context.set_alpn_protocols(["http/1.1"])
+    if client_cert:
+        ca.issue_cert("client.example", common_name="client.example").configure_cert(context)
     report, echoed, local = through(behind_haproxy["addresses"]["tls"], b"secret\n", context)
+    # The client certificate's CN, and the verification HAProxy did.
+    assert report["ssl"]["cn"] == ("client.example" if client_cert else None)
+    assert report["ssl"]["client_cert"] is client_cert
+    assert report["ssl"]["verified"] is client_cert
     assert report["client"] == ["127.0.0.1", local[1]]
     assert report["authority"] == "localhost"
     assert report["alpn"] == "http/1.1"
