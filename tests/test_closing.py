@@ -326,3 +326,17 @@ def test_hub_server_close_before_shutdown_leaves_nothing_open() -> None:
     thread.join(10)
     assert not thread.is_alive()
     assert errors == []
+
+
+@pytest.mark.parametrize("model", PARKING)
+def test_server_close_serves_a_parked_connection_that_already_spoke(model: str) -> None:
+    # handle_request() accepts it; its bytes are there before the server has
+    # looked: server_close() hands it to a handler, as a request, not closes it.
+    server = MODELS[model].tcp(("127.0.0.1", 0), Chat)
+    with connect(server.server_address) as client:
+        client.sendall(b"x\n")
+        client.shutdown(socket.SHUT_WR)
+        server.handle_request()
+        server.server_close()
+        assert read_until_closed(client) == b"X\n"
+    assert server.statistics().handled == 1

@@ -9,7 +9,6 @@ test_hub_limits.py, the per-model fault table with figures in test_abuse.py.
 
 from __future__ import annotations
 
-import logging
 import socket
 import struct
 import sys
@@ -21,7 +20,7 @@ import pytest
 
 import netserve
 from netserve._limits import TimedSocket
-from tests.conftest import Serving, connect, recv_all
+from tests.conftest import LogEvent, Serving, connect, recv_all
 
 THREADED = ["threading", "pool"]
 CLASSES = {
@@ -301,33 +300,6 @@ class HoldsUntilEOF(netserve.StreamRequestHandler):
     def handle(self) -> None:
         self.wfile.write(b"hi\n")
         self.rfile.read()
-
-
-class LogEvent(logging.Handler):
-    """Sets ``event`` when a record whose message contains ``text`` is logged."""
-
-    def __init__(self, logger: str, text: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.logger = logging.getLogger(logger)
-        self.text = text
-        self.event = threading.Event()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if self.text in message:
-            self.messages.append(message)
-            self.event.set()
-
-    def __enter__(self) -> LogEvent:
-        self.saved = self.logger.level
-        self.logger.setLevel(logging.DEBUG)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.saved)
 
 
 @pytest.mark.parametrize("model", ["threading", "pool", "forking"])

@@ -7,6 +7,7 @@ import logging as _logging
 import os as _os
 import socket as _socket
 
+from netserve._adopt import server_from_socket
 from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
 from netserve._compat import install_as_socketserver, restore_socketserver
 from netserve._connections import ServerStatistics
@@ -19,7 +20,9 @@ from netserve._errors import (
     NetserveError,
     NetserveWarning,
     ProxyProtocolError,
+    SocketActivationError,
     StageError,
+    UnusableSocketError,
 )
 from netserve._green import (
     GreenMixIn,
@@ -39,6 +42,13 @@ from netserve._pool import (
 from netserve._proxy import proxy_header
 from netserve._proxyproto import ProxyHeader
 from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._systemd import (
+    SystemdNotifier,
+    SystemdSocket,
+    systemd_listeners,
+    systemd_notify,
+    systemd_watchdog_interval,
+)
 from netserve._threading import ThreadingMixIn
 
 __version__ = "0.1.0"
@@ -108,6 +118,13 @@ if hasattr(_socket, "AF_UNIX"):
     ]
 
 __all__ += [
+    # netserve's own: serving sockets made elsewhere, and systemd.
+    "server_from_socket",
+    "systemd_listeners",
+    "SystemdSocket",
+    "SystemdNotifier",
+    "systemd_notify",
+    "systemd_watchdog_interval",
     # netserve's own: running stdlib code on netserve.
     "install_as_socketserver",
     "restore_socketserver",
@@ -123,5 +140,7 @@ __all__ += [
     "NetserveError",
     "NetserveWarning",
     "ProxyProtocolError",
+    "SocketActivationError",
     "StageError",
+    "UnusableSocketError",
 ]

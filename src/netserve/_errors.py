@@ -15,7 +15,9 @@ __all__ = [
     "NetserveError",
     "NetserveWarning",
     "ProxyProtocolError",
+    "SocketActivationError",
     "StageError",
+    "UnusableSocketError",
 ]
 
 
@@ -77,6 +79,15 @@ class MissingExtraError(NetserveError, ImportError):
             f"`pip install 'netserve[{extra}]'`"
         )
         self.extra = extra
+
+
+class SocketActivationError(NetserveError, ValueError):
+    """The socket-activation variables (``LISTEN_FDS``, ...) are malformed."""
+
+
+class UnusableSocketError(NetserveError, ValueError):
+    """A socket handed to netserve cannot serve as asked (wrong family or type,
+    a stream socket that is not listening, not a socket at all)."""
 
 
 class NetserveWarning(UserWarning):

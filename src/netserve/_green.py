@@ -46,7 +46,7 @@ from netserve._greensocket import GreenSocket
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import drain
 from netserve._servers import TCPServer, UDPServer
-from netserve._stages import Connection, check_deadline
+from netserve._stages import Connection, check_deadline, has_input
 
 try:
     import greenlet
@@ -136,6 +136,7 @@ class GreenMixIn(_MixInBase):
     """Handle each request in a greenlet on a hub owned by the server."""
 
     _netserve_handles_inline = False
+    _netserve_fast_interrupt = True
 
     # A stream connection gets its greenlet (and handler) only once it has sent
     # something: an idle connection costs a socket, not a handler. Set False for
@@ -282,9 +283,31 @@ class GreenMixIn(_MixInBase):
 
     def _green_watch_listener(self, _: object) -> None:
         self._green_resume = None
+        if not self._green_accepting:
+            return  # drained (or stopped) since this was scheduled
         hub = self._green_hub
         hub.watch(self._green_listener_fd, self._green_accept)
         self._netserve_watching = True
+
+    def _netserve_stop_watching(self, timeout: float | None) -> None:
+        # drain(): stop accepting on the hub's thread (accepts run there, so
+        # none comes after this returns); the hub serves on.
+        if not self._green_accepting:
+            return  # not serving: nothing is watched
+
+        def stop() -> None:
+            self._green_accepting = False
+            if self._green_resume is not None:
+                self._green_resume.cancel()
+                self._green_resume = None
+            if self._netserve_watching:
+                self._netserve_watching = False
+                self._green_hub.unwatch(self._green_listener_fd)
+
+        try:
+            self._green_hub.run_sync(stop)
+        except RuntimeError:
+            pass  # the hub closed meanwhile: nothing is watched
 
     def _green_stop_accepting(self) -> None:
         hub = self._green_hub
@@ -522,9 +545,17 @@ class GreenMixIn(_MixInBase):
             self._green_hub.run_sync(self._green_close_parked_on_hub)
 
     def _green_close_parked_on_hub(self) -> None:
+        # Close the connections that sent nothing; start the handlers of those
+        # whose first bytes came before the hub saw them (a request, not an
+        # idle connection: the pool hands these to its workers alike).
         for sock in list(self._green_parked):
-            self._netserve_table.refuse(sock)
-            self._green_unpark(sock)
+            starter = sock.hub_reader
+            if isinstance(starter, _Starter) and has_input(sock):
+                sock.hub_reader = None
+                starter.switch()
+            else:
+                self._netserve_table.refuse(sock)
+                self._green_unpark(sock)
 
     def abort_connections(self) -> None:
         """End every handler's greenlet with ``GreenletExit`` (their ``finally``

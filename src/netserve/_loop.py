@@ -95,6 +95,12 @@ class StopControl:
                 writer.close()
             self._changed.notify_all()
 
+    def loop_running_elsewhere(self) -> bool:
+        """Whether a loop runs now, on a thread other than this one."""
+        with self._changed:
+            thread = self._loop_thread
+        return thread is not None and thread != threading.get_ident()
+
     def wake(self) -> None:
         """Wake the loop without asking it to stop (it runs another pass)."""
         with self._changed:

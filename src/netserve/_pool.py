@@ -57,7 +57,15 @@ from netserve._errors import ConnectionTimeout, StageError
 from netserve._limits import Timeouts
 from netserve._log import RateLimitedLog, get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
-from netserve._stages import DONE, WRITE, Connection, Stage, advance_stages, check_deadline
+from netserve._stages import (
+    DONE,
+    WRITE,
+    Connection,
+    Stage,
+    advance_stages,
+    check_deadline,
+    has_input,
+)
 
 __all__ = [
     "PoolStatistics",
@@ -243,6 +251,7 @@ class ThreadPoolMixIn(_MixInBase):
     """Handle requests on a bounded pool of reused worker threads."""
 
     _netserve_handles_inline = False
+    _netserve_fast_interrupt = True
 
     # At most this many worker threads, started as requests need them.
     max_workers: int = 32
@@ -333,7 +342,7 @@ class ThreadPoolMixIn(_MixInBase):
         stages = (
             self._netserve_stages() if self._netserve_has_stages and _is_stream(request) else []
         )
-        if stages or (self.park_until_readable and _is_stream(request) and not _has_input(request)):
+        if stages or (self.park_until_readable and _is_stream(request) and not has_input(request)):
             self._netserve_park(request, client_address, stages)
         elif not pool.offer((request, client_address, None)):
             # The queue filled during this batch of accepts: the connection has
@@ -506,7 +515,7 @@ class ThreadPoolMixIn(_MixInBase):
                     "the connection's stages did not finish in time", "stage_timeout"
                 )
                 self._netserve_stage_failed(parked.conn, timed_out)
-            elif not _has_input(parked.request):
+            elif not has_input(parked.request):
                 # Silent past park_timeout. (One that spoke while every worker
                 # was busy is not silent: it waits for a worker, no deadline.)
                 self._netserve_unpark(fd)
@@ -536,7 +545,7 @@ class ThreadPoolMixIn(_MixInBase):
         pool = self._netserve_pool_state
         for fd, parked in list(self._netserve_parked.items()):
             self._netserve_unpark(fd)
-            if parked.conn is None and _has_input(parked.request):
+            if parked.conn is None and has_input(parked.request):
                 self._netserve_overflow.append((parked.request, parked.client_address, None))
                 continue
             table.refuse(parked.request)
@@ -576,24 +585,8 @@ class ThreadPoolMixIn(_MixInBase):
 # Plain integers, worked out once: socket's flags and kinds are enums, and
 # combining or converting them runs Python code (an enum call, about a
 # microsecond) on every connection.
-_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _STREAM = int(socket.SOCK_STREAM)
 _kind_of = _socket.socket.type.__get__  # socket.type, without the enum
-
-
-def _has_input(sock: socket.socket) -> bool:
-    """Whether the peer has already sent something (or closed).
-
-    Under connection churn the first bytes usually arrive with the connection;
-    one peek then saves parking it: two epoll_ctl calls and a loop pass.
-    """
-    try:
-        sock.recv(1, _PEEK_NOW)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True  # an error is for the handler to meet
-    return True
 
 
 def _is_stream(request: Any) -> bool:

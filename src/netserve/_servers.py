@@ -86,6 +86,9 @@ _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
 _stage_log = get_logger("stages")
 _limits_log = get_logger("limits")
+_drain_log = get_logger("drain")
+# After drain() ended what was left, how long it waits for it to be gone.
+_ABORT_WAIT = 5.0
 
 _RULE = "-" * 40
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
@@ -136,6 +139,9 @@ class BaseServer:
     # networks, "unix"), which it requires. Others are refused (docs in _proxy).
     proxy_protocol: str | None = None
     proxy_trusted: Any = None
+    # Whether leaving a ``with`` block on KeyboardInterrupt ends the open
+    # connections at once (the pool and the hub) instead of waiting for them.
+    _netserve_fast_interrupt: bool = False
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
@@ -162,6 +168,12 @@ class BaseServer:
         if proxy is not None:
             self._netserve_proxy = proxy
             vars(self)["_netserve_has_stages"] = True  # its stage, whatever the class
+        # Set by drain(): read by the loop (a plain bool, every pass) and
+        # waited on by handlers (the event).
+        self._netserve_is_draining = False
+        self._netserve_drain_event = threading.Event()
+        # Set by the serving loop once it has stopped accepting for a drain.
+        self._netserve_drain_seen = threading.Event()
 
     # -- hooks a concrete server supplies -------------------------------------------
 
@@ -209,7 +221,8 @@ class BaseServer:
                             break
                         for key, _ in ready:
                             if key.data is None:
-                                acceptor.accept(batch)
+                                if not self._netserve_is_draining:
+                                    acceptor.accept(batch)
                             elif key.data is _WAKER:
                                 drain(waker)
                             else:
@@ -242,6 +255,8 @@ class BaseServer:
             else:
                 selector.unregister(self)
             self._netserve_watching = want
+        if self._netserve_is_draining:
+            self._netserve_drain_seen.set()  # this loop accepts no more
         if paused:
             # Wake when the back-off ends, even with poll_interval None.
             until = acceptor.paused_until - now
@@ -321,6 +336,8 @@ class BaseServer:
         """Whether the loop should accept now: below ``max_connections`` (a mix-in
         also says no while it has no room). At the limit, the first connection
         to close wakes the loop."""
+        if self._netserve_is_draining:
+            return False
         limit = self.max_connections
         table = self._netserve_table
         # Read without the lock first: only this loop adds connections.
@@ -383,6 +400,60 @@ class BaseServer:
             # Called on the loop's own thread (a handler, a signal handler) or
             # not waited for: the loop closes them as it leaves.
             self._netserve_close_pending = True
+
+    def drain(self, timeout: float | None = 30.0) -> bool:
+        """Stop accepting; let every accepted connection finish; end the rest
+        at the deadline. Returns True when all finished within ``timeout``.
+
+        Accepting stops at once (a shared listener's queue is left to the other
+        processes that accept from it). What was accepted is served: a parked
+        connection gets its handler when its first byte comes, or is closed by
+        ``park_timeout``; handlers run to their end. A handler can see the
+        drain (``draining``, ``wait_for_drain()``) and end at its own
+        protocol's boundary; one waiting for the next request ends by
+        ``idle_timeout``. netserve never closes an accepted connection early
+        on its own: it cannot know where a request ends on a stream. At the
+        deadline what is left is ended as ``abort_connections()`` ends it;
+        then the server is closed (``close()``) either way.
+        """
+        clock = self._netserve_table.clock
+        deadline = None if timeout is None else clock() + timeout
+        self._netserve_is_draining = True
+        self._netserve_drain_event.set()
+        self._netserve_stop_watching(timeout)
+        _drain_log.info(
+            "drain: accepting stopped; %d connections open", self._netserve_table.active
+        )
+        finished = self.wait_closed(None if deadline is None else max(0.0, deadline - clock()))
+        if not finished:
+            _drain_log.info(
+                "drain: %d connections still open after %s s; ending them",
+                self._netserve_table.active,
+                timeout,
+            )
+            self.abort_connections()
+            self.wait_closed(_ABORT_WAIT)
+        self.close()
+        return finished
+
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain()`` has been called: a handler ends at its next boundary."""
+        return self._netserve_is_draining
+
+    def wait_for_drain(self, timeout: float | None = None) -> bool:
+        """Block until ``drain()`` is called (``timeout`` seconds at most); says
+        whether it was. On the hub, call it through ``netserve.to_thread()``."""
+        return self._netserve_drain_event.wait(timeout)
+
+    def _netserve_stop_watching(self, timeout: float | None) -> None:
+        """Stop accepting, keep serving what was accepted; return once the loop
+        accepts no more (or ``timeout`` passed: the sync model's loop looks
+        only after the request it is running)."""
+        stop = self._netserve_stop
+        stop.wake()  # the loop looks at the drain flag again
+        if stop.loop_running_elsewhere():
+            self._netserve_drain_seen.wait(timeout)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every accepted connection is gone (``timeout`` seconds at most).
@@ -630,6 +701,18 @@ class BaseServer:
         return self
 
     def __exit__(self, *args: object) -> None:
+        exc_type = args[0] if args else None
+        if (
+            isinstance(exc_type, type)
+            and issubclass(exc_type, KeyboardInterrupt)
+            and self._netserve_fast_interrupt
+        ):
+            # Ctrl-C out of ``with server: server.serve_forever()``: a fast,
+            # bounded stop (issue 12), not a wait for every client to leave.
+            self.close()
+            self.abort_connections()
+            if not self.wait_closed(_ABORT_WAIT):
+                self.block_on_close = False
         self.server_close()
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "Stage",
     "advance_stages",
     "check_deadline",
+    "has_input",
     "run_stages",
 ]
 
@@ -209,3 +210,23 @@ class PrefixedSocket:
         if "b" in mode:
             return buffered
         return io.TextIOWrapper(buffered, **text)
+
+
+# A plain integer, worked out once (combining the enum flags runs Python code).
+_PEEK_NOW = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+
+
+def has_input(sock: socket.socket) -> bool:
+    """Whether the peer has already sent something (or closed), without waiting.
+
+    The descriptor's own recv() is asked (a cooperative socket's would wait on
+    its hub). Under connection churn the first bytes usually arrive with the
+    connection; one peek then saves parking it.
+    """
+    try:
+        socket.socket.recv(sock, 1, _PEEK_NOW)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # an error is for the handler to meet
+    return True
