@@ -134,7 +134,7 @@ class BaseServer:
     # Whether a client's fault that ends a handler (a reset or broken pipe,
     # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
     client_faults_are_errors: bool = True
-    # The PROXY protocol header expected first on each stream connection: None
+    # The PROXY protocol header expected first on each connection (datagram): None
     # (off), "v1", "v2" or "any"; and the peers that send it (addresses,
     # networks, "unix"), which it requires. Others are refused (docs in _proxy).
     proxy_protocol: str | None = None
