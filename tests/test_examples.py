@@ -104,6 +104,14 @@ def test_pool_echo_example() -> None:
     assert re.fullmatch(r"Handled: (1[01]|[1-9])", lines[2]), lines[2]
 
 
+def test_proxy_protocol_example() -> None:
+    assert run_example("proxy_protocol.py").splitlines() == [
+        "hello ada, from 203.0.113.7",
+        "''",
+        "handled: 2 failed headers: 0",
+    ]
+
+
 @pytest.mark.parametrize("model", ["threading", "forking", "pool", "hub"])
 def test_graceful_stop_example(model: str) -> None:
     proc = subprocess.Popen(

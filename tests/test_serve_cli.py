@@ -43,6 +43,10 @@ class Datagrams(netserve.DatagramRequestHandler):
     def handle(self):
         self.wfile.write(self.rfile.read().upper())
 
+class Client(netserve.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(repr(self.client_address).encode() + b" " + self.rfile.readline())
+
 class EchoServer(netserve.ThreadingTCPServer):
     RequestHandlerClass = Echo
 
@@ -165,6 +169,28 @@ def test_udp_unix_and_environment_options(app_dir: Path) -> None:
         proc.send_signal(signal.SIGTERM)
 
 
+@pytest.mark.parametrize("target", ["app:Client", "app:EchoServer"])
+def test_proxy_protocol_options(app_dir: Path, target: str) -> None:
+    args = ["-b", "127.0.0.1:0", "--proxy-protocol", "v1", "--proxy-trusted", "10.0.0.0/8"]
+    env = {"NETSERVE_PROXY_TRUSTED": "192.0.2.1, 127.0.0.1"}  # ignored: the option wins
+    with serving(app_dir, target, *args, "--proxy-trusted", "127.0.0.1", env=env) as (
+        proc,
+        _,
+        address,
+    ):
+        with connect(address) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n")
+            expected = b"('203.0.113.7', 5555) hi\n" if target == "app:Client" else b"HI\n"
+            assert client.recv(100) == expected
+        proc.send_signal(signal.SIGTERM)
+    env = {"NETSERVE_PROXY_PROTOCOL": "v1", "NETSERVE_PROXY_TRUSTED": "10.0.0.0/8, 127.0.0.1"}
+    with serving(app_dir, target, "-b", "127.0.0.1:0", env=env) as (proc, _, address):
+        with connect(address) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.8 192.0.2.1 5556 80\r\nho\n")
+            assert client.recv(100).endswith(b"HO\n" if target == "app:EchoServer" else b"ho\n")
+        proc.send_signal(signal.SIGTERM)
+
+
 def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "netserve", *args],
@@ -188,6 +214,17 @@ def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["app:Echo", "--model", "nope"], "invalid choice: 'nope'"),
         (["app:Echo", "-b", "127.0.0.1:99999"], "between 0 and 65535"),
         (["app:Echo", "--umask", "9z"], "is not an octal number"),
+        (["app:Echo", "--proxy-protocol", "v1"], "needs --proxy-trusted"),
+        (["app:Echo", "--proxy-trusted", "10.0.0.0/8"], "is for --proxy-protocol"),
+        (["app:Echo", "--proxy-protocol", "v3", "--proxy-trusted", "::1"], "invalid choice"),
+        (
+            ["app:Echo", "-b", "127.0.0.1:0", "--proxy-protocol", "v2", "--proxy-trusted", "x"],
+            "'x' is not an address",
+        ),
+        (
+            ["app:factory", "--proxy-protocol", "v2", "--proxy-trusted", "127.0.0.1"],
+            "not a factory",
+        ),
     ],
 )
 def test_a_mistake_is_one_line_and_status_2(app_dir: Path, args: list[str], message: str) -> None:

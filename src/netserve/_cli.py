@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import netserve
 from netserve._combos import ThreadingTCPServer
 from netserve._demo import UpperCaseEchoHandler
-from netserve._errors import AddressError
+from netserve._errors import AddressError, ConfigurationError
 from netserve._servers import TCPServer
 from netserve._systemd import systemd_listeners
 from netserve._target import (
@@ -258,6 +258,19 @@ def _build_parser() -> _Parser:
         help="how long SIGTERM lets requests in progress finish (default 30)",
     )
     parser.add_argument("--reuse-port", action="store_true", default=bool(_env("reuse-port")))
+    parser.add_argument(
+        "--proxy-protocol",
+        choices=["v1", "v2", "any"],
+        default=_env("proxy-protocol"),
+        help="expect a PROXY protocol header from the --proxy-trusted peers",
+    )
+    parser.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="CIDR",
+        help="a proxy that sends the header: an address, a network or 'unix'; repeatable "
+        "(NETSERVE_PROXY_TRUSTED: comma-separated)",
+    )
     parser.add_argument("--user", default=_env("user"), help="drop to this user after binding")
     parser.add_argument("--group", default=_env("group"), help="drop to this group")
     parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_demo(args.bind[0] if args.bind else parse_bind(DEFAULT_BIND))
     try:
         return _serve_target(args)
-    except (_UsageError, TargetError, AddressError) as exc:
+    except (_UsageError, TargetError, AddressError, ConfigurationError) as exc:
         print(f"netserve: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except TargetImportError as exc:
@@ -329,7 +342,7 @@ def _serve_target(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     target = load_target(args.target)
-    maker = server_maker(target, args.model, threads=args.threads)
+    maker = server_maker(target, args.model, threads=args.threads, attributes=_proxy_options(args))
     if args.check:
         print(f"netserve: {args.target} is servable with the {args.model} model")
         return 0
@@ -342,6 +355,22 @@ def _serve_target(args: argparse.Namespace) -> int:
             sock.close()
         raise
     return _run(servers, args)
+
+
+def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The server attributes --proxy-protocol and --proxy-trusted set."""
+    trusted = args.proxy_trusted
+    if trusted is None and _env("proxy-trusted"):
+        trusted = [entry.strip() for entry in str(_env("proxy-trusted")).split(",")]
+    if args.proxy_protocol is None:
+        if trusted:
+            raise _UsageError("--proxy-trusted is for --proxy-protocol")
+        return {}
+    if not trusted:
+        raise _UsageError(
+            "--proxy-protocol needs --proxy-trusted: the proxies' addresses or networks"
+        )
+    return {"proxy_protocol": args.proxy_protocol, "proxy_trusted": tuple(trusted)}
 
 
 def _listen(args: argparse.Namespace) -> list[socket.socket]:

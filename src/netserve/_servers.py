@@ -59,6 +59,7 @@ from netserve._errors import StageError
 from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
+from netserve._proxy import ProxyPolicy, proxy_policy
 from netserve._stages import Connection, Stage, check_deadline, run_stages
 from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
@@ -136,6 +137,11 @@ class BaseServer:
     # Whether a client's fault that ends a handler (a reset or broken pipe,
     # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
     client_faults_are_errors: bool = True
+    # The PROXY protocol header expected first on each connection (datagram): None
+    # (off), "v1", "v2" or "any"; and the peers that send it (addresses,
+    # networks, "unix"), which it requires. Others are refused (docs in _proxy).
+    proxy_protocol: str | None = None
+    proxy_trusted: Any = None
     # Whether leaving a ``with`` block on KeyboardInterrupt ends the open
     # connections at once (the pool and the hub) instead of waiting for them.
     _netserve_fast_interrupt: bool = False
@@ -145,6 +151,8 @@ class BaseServer:
     # Whether this class overrides _netserve_stages(): worked out once per class,
     # so that a server without stages asks for none on every connection.
     _netserve_has_stages: ClassVar[bool] = False
+    # The PROXY protocol policy, from the two attributes above (None: off).
+    _netserve_proxy: ProxyPolicy | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,6 +167,10 @@ class BaseServer:
         self._netserve_table = ConnectionTable()
         self._netserve_watching = False
         self._netserve_close_pending = False
+        proxy = proxy_policy(self)  # ConfigurationError if the attributes contradict
+        if proxy is not None:
+            self._netserve_proxy = proxy
+            vars(self)["_netserve_has_stages"] = True  # its stage, whatever the class
         # Set by drain(): read by the loop (a plain bool, every pass) and
         # waited on by handlers (the event).
         self._netserve_is_draining = False
@@ -545,6 +557,14 @@ class BaseServer:
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
                     return self._netserve_stage_bug(staged)
+        elif staged is None and self._netserve_proxy is not None:
+            # A datagram behind a proxy: its own header first (see _proxy).
+            try:
+                request, client_address = self._netserve_proxy.datagram(request, client_address)
+            except StageError as exc:
+                self._netserve_table.stage_failed(original, timed_out=False)
+                _stage_log.debug("datagram from %s dropped: %r", client_address, exc)
+                return STAGE_FAILED
         if staged is not None:
             request, client_address = staged.request, staged.client_address
         outcome = HANDLED
@@ -579,8 +599,10 @@ class BaseServer:
 
     def _netserve_stages(self) -> list[Stage]:
         """Fresh stages for one new stream connection, in order; a mix-in adds its
-        own to what ``super()`` returns. Called only in classes that override it."""
-        return []
+        own to what ``super()`` returns. Called only in classes that override it,
+        or that speak the PROXY protocol (whose stage comes first)."""
+        proxy = self._netserve_proxy
+        return [] if proxy is None else [proxy.stage()]
 
     def _netserve_stage_deadline(self) -> float | None:
         limit = self.stage_timeout

@@ -111,21 +111,37 @@ def model_class(model: str, family: int, kind: int) -> type:
 
 
 def server_maker(
-    target: Any, model: str, *, threads: int | None = None
+    target: Any,
+    model: str,
+    *,
+    threads: int | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> Callable[[socket.socket], Any]:
     """A function that builds a server around one listening socket; ``threads``
-    sets the pool's ``max_workers`` (handler classes only)."""
+    sets the pool's ``max_workers`` (handler classes only); ``attributes`` are
+    server attributes set on a subclass (handler and server classes)."""
+    attributes = attributes or {}
     if _is_handler_class(target):
 
         def for_handler(sock: socket.socket) -> Any:
             cls = model_class(model, sock.family, sock.type)
+            extra = dict(attributes)
             if threads is not None:
-                cls = type(cls.__name__, (cls,), {"max_workers": threads})
+                extra["max_workers"] = threads
+            if extra:
+                cls = type(cls.__name__, (cls,), extra)
             return server_from_socket(cls, sock, target)
 
         return for_handler
     if threads is not None:
         raise TargetError("--threads applies to a handler class served by the pool model")
+    if attributes and _is_server_class(target):
+        target = type(target.__name__, (target,), attributes)
+    elif attributes and callable(target):
+        raise TargetError(
+            "--proxy-protocol applies to a handler class or a server class, not a factory: "
+            "set proxy_protocol and proxy_trusted on the server it builds"
+        )
     if _is_server_class(target):
         handler = getattr(target, "RequestHandlerClass", None)
         if handler is None:
