@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(me
 MODELS = {
     "sync": netserve.TCPServer,
     "threading": netserve.ThreadingTCPServer,
+    "forking": netserve.ForkingTCPServer,
+    "pool": netserve.ThreadPoolTCPServer,
     "green": netserve.GreenTCPServer,
 }
 
@@ -54,7 +57,7 @@ class Echo(netserve.StreamRequestHandler):
 
 
 def make_server(sockets):
-    if cfg.get("fail"):
+    if cfg.get("fail") or os.path.exists(cfg.get("fail_if", "/nonexistent")):
         raise RuntimeError("boom from make_server")
     return netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
 
@@ -77,6 +80,8 @@ supervisor = netserve.Supervisor(
     worker_start=lambda server: say(f"SERVING {os.getpid()}"),
     worker_exit=lambda wid, code: say(f"EXIT {wid} {code}"),
     reopen_logs=lambda: say(f"REOPEN {os.getpid()}"),
+    notifier=netserve.SystemdNotifier() if cfg.get("notify") else None,
+    watchdog_interval=cfg.get("watchdog"),
 )
 status = supervisor.run()
 listener.close()
@@ -91,7 +96,7 @@ WAIT = 10.0
 class Running:
     """The supervisor script as a child process, read line by line."""
 
-    def __init__(self, tmp_path: Path, **cfg: Any) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None, **cfg: Any) -> None:
         script = tmp_path / "serve.py"
         script.write_text(SCRIPT)
         self.stderr_path = tmp_path / "stderr.txt"
@@ -101,6 +106,7 @@ class Running:
                 [sys.executable, str(script), json.dumps(cfg)],
                 stdout=subprocess.PIPE,
                 stderr=err,
+                env=None if env is None else {**os.environ, **env},
             )
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
@@ -169,8 +175,8 @@ class Running:
 def running(tmp_path: Path) -> Iterator[Any]:
     started: list[Running] = []
 
-    def start(**cfg: Any) -> Running:
-        run = Running(tmp_path, **cfg)
+    def start(env: dict[str, str] | None = None, **cfg: Any) -> Running:
+        run = Running(tmp_path, env, **cfg)
         started.append(run)
         return run
 
@@ -405,3 +411,70 @@ def test_ttin_ttou_and_usr1(running: Any) -> None:
     assert ask(sup.port) == first
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
+
+
+@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green"])
+def test_every_model_serves_and_drains(running: Any, model: str) -> None:
+    sup = running(workers=2, model=model)
+    pids = sup.serving(2)
+    replies = [ask(sup.port) for _ in range(4)]
+    if model == "forking":
+        # A child of the worker answers: not a worker itself.
+        assert not set(replies) & pids
+    else:
+        assert set(replies) <= pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+    assert all(gone(pid) for pid in pids)
+
+
+def test_hup_with_code_that_fails_keeps_the_old_workers(running: Any, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    sup = running(workers=2, fail_if=str(broken))
+    old = sup.serving(2)
+    broken.touch()
+    sup.signal(signal.SIGHUP)
+    # Both new workers end (one failed, the other is told to stop); no retry loop.
+    codes = sorted(sup.expect("EXIT")[1] for _ in range(2))
+    assert "3" in codes
+    assert {ask(sup.port) for _ in range(6)} <= old
+    err = sup.stderr()
+    assert "reload failed" in err
+    assert "RuntimeError: boom from make_server" in err
+    # Fixed: the next HUP reloads.
+    broken.unlink()
+    sup.signal(signal.SIGHUP)
+    new = sup.serving(2)
+    assert not new & old
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+    forks = [line for line in sup.lines if line.startswith("FORK")]
+    assert len(forks) == 6
+
+
+def test_systemd_notifications(running: Any) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="ns-", dir="/tmp") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
+    ):
+        path = os.path.join(directory, "notify")
+        receiver.bind(path)
+        receiver.settimeout(WAIT)
+
+        def until(field: str) -> list[str]:
+            while True:
+                fields = receiver.recv(4096).decode().split("\n")
+                if field in fields:
+                    return fields
+
+        sup = running(env={"NOTIFY_SOCKET": path}, workers=2, notify=True, watchdog=0.4)
+        sup.serving(2)
+        assert "STATUS=2 workers serving" in until("READY=1")
+        until("WATCHDOG=1")
+        sup.signal(signal.SIGHUP)
+        reloading = until("RELOADING=1")
+        assert any(field.startswith("MONOTONIC_USEC=") for field in reloading)
+        assert "STATUS=reloaded: 2 workers serving" in until("READY=1")
+        sup.signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert sup.wait() == 0

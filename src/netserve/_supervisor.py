@@ -57,6 +57,10 @@ Rules:
    blocking (one that did would leave the others blocked in ``accept()``
    when another process took the connection first).
 
+8. Only the supervisor notifies systemd (``notifier``): READY=1 once every
+   worker of the first generation serves, RELOADING=1 and READY=1 around a
+   reload, STOPPING=1; WATCHDOG=1 only while some worker reports alive.
+
 In the worker, the main thread only waits (signals, the supervisor pipe, its
 serving loops ending, a heartbeat timer); each server's ``serve_forever()``
 runs on a thread of its own, so that ``drain()`` is called from outside the
@@ -84,6 +88,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
+
+from netserve._systemd import SystemdNotifier
 
 __all__ = ["EXIT_WORKER_FAILED", "Supervisor"]
 
@@ -207,6 +213,12 @@ class Supervisor:
     ``import_fresh()`` runs in the supervisor on HUP before the new workers
     fork (an exception fails the reload; the old workers keep serving).
 
+    ``notifier`` (a ``SystemdNotifier``): READY=1 once every worker serves,
+    RELOADING=1 on HUP and READY=1 when the reload is done or has failed (with
+    a STATUS= line saying which), STOPPING=1 on TERM, INT and QUIT.
+    ``watchdog_interval`` (``systemd_watchdog_interval()``): WATCHDOG=1 every
+    quarter of it while some worker serves and reports alive.
+
     ``max_requests``: a worker drains and is replaced after its servers have
     handled that many requests (``statistics().handled``), plus a random
     0..``max_requests_jitter`` of its own; 0 turns it off.
@@ -235,6 +247,8 @@ class Supervisor:
         worker_exit: Callable[[int, int], object] | None = None,
         reopen_logs: Callable[[], object] | None = None,
         import_fresh: Callable[[], object] | None = None,
+        notifier: SystemdNotifier | None = None,
+        watchdog_interval: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -254,6 +268,8 @@ class Supervisor:
         self.worker_exit = worker_exit
         self.reopen_logs = reopen_logs
         self.import_fresh = import_fresh
+        self.notifier = notifier
+        self.watchdog_interval = watchdog_interval
         self._running = False
         self._reset()
 
@@ -268,6 +284,8 @@ class Supervisor:
         self._status = 0
         self._wake_r = self._wake_w = self._alive_r = self._alive_w = -1
         self._selector: selectors.BaseSelector | None = None
+        self._announced = False  # READY=1 sent since the start
+        self._next_watchdog = 0.0
 
     def worker_pids(self) -> list[int]:
         """The pids of the workers running now (for the supervisor's own process)."""
@@ -379,6 +397,9 @@ class Supervisor:
             log.info("worker %d (pid %d) serving", worker.id, worker.pid)
             if worker.generation == self._pending:
                 self._reload_progress(now)
+            elif not self._announced and self._all_serving(self._generation):
+                self._announced = True
+                self._notify("ready", f"{self.workers} workers serving")
         if _RETIRING in data and not worker.retiring:
             worker.retiring = True  # its replacement starts now (rule 1)
             worker.kill_at = now + self.graceful_timeout + self.kill_grace
@@ -450,6 +471,7 @@ class Supervisor:
                 self._boot_failures,
             )
             self._status = EXIT_WORKER_FAILED
+            self._notify("status", f"worker {worker.id} failed to start ({how}); stopping")
             self._stop(graceful=False)
             return
         pause = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self._boot_failures - 1))
@@ -472,9 +494,19 @@ class Supervisor:
                     deadlines.append(worker.kill_at)
             elif not worker.retiring:
                 deadlines.append(worker.last_seen + self.timeout)
+        if self.watchdog_interval and not self._stopping:
+            deadlines.append(self._next_watchdog)
         return min(deadlines) if deadlines else None
 
     def _check_deadlines(self, now: float) -> None:
+        if self.watchdog_interval and not self._stopping and now >= self._next_watchdog:
+            # A quarter of the interval: systemd wants one at least every half.
+            self._next_watchdog = now + self.watchdog_interval / 4
+            if any(
+                w.ready and not w.retiring and now - w.last_seen < self.timeout
+                for w in self._children.values()
+            ):
+                self._notify("watchdog")
         for worker in list(self._children.values()):
             if worker.kill_at is not None:
                 if not worker.killed and now >= worker.kill_at:
@@ -540,7 +572,10 @@ class Supervisor:
         if self._stopping and graceful:
             return  # a second TERM changes nothing; INT after TERM hurries it
         self._stopping = True
-        self._pending = None
+        if self._pending is not None:
+            self._pending = None
+            self._notify("ready", "reload abandoned: stopping")
+        self._notify("stopping", "graceful stop: draining" if graceful else "fast stop")
         log.info("%s stop: %d workers", "graceful" if graceful else "fast", len(self._children))
         for worker in self._children.values():
             if graceful:
@@ -567,6 +602,15 @@ class Supervisor:
                 # The newest goes: the older ones have warmed up.
                 self._retire(max(counted, key=lambda w: w.id), now)
 
+    def _all_serving(self, generation: int) -> bool:
+        counted = self._counted(generation)
+        return len(counted) >= self.workers and all(w.ready for w in counted)
+
+    def _notify(self, what: str, *args: str) -> None:
+        """One ``SystemdNotifier`` call (it logs its own failures)."""
+        if self.notifier is not None:
+            getattr(self.notifier, what)(*args)
+
     def _reopen_logs(self) -> None:
         if self.reopen_logs is not None:
             try:
@@ -582,11 +626,13 @@ class Supervisor:
         if self._pending is not None:
             log.warning("HUP: a reload is already in progress; ignored")
             return
+        self._notify("reloading", f"reloading: starting {self.workers} new workers")
         if self.import_fresh is not None:
             try:
                 self.import_fresh()
-            except Exception:
+            except Exception as exc:
                 log.exception("reload failed: import_fresh() raised; the old workers keep serving")
+                self._notify("ready", f"reload failed: {exc!r}; the old workers keep serving")
                 return
         self._pending = self._generation + 1
         log.info("HUP: starting %d new workers", self.workers)
@@ -599,6 +645,7 @@ class Supervisor:
         old = [w for w in self._children.values() if w.generation != self._pending]
         self._generation, self._pending = self._pending, None
         log.info("reload done: %d new workers serve; %d old ones drain", self.workers, len(old))
+        self._notify("ready", f"reloaded: {self.workers} workers serving")
         for worker in old:
             if not worker.retiring:
                 self._retire(worker, now)
@@ -607,6 +654,7 @@ class Supervisor:
         now = time.monotonic()
         pending, self._pending = self._pending, None
         log.error("reload failed: %s; the old workers keep serving", why)
+        self._notify("ready", f"reload failed: {why}; the old workers keep serving")
         for worker in self._children.values():
             if worker.generation == pending and not worker.retiring:
                 self._retire(worker, now)
@@ -647,6 +695,10 @@ class Supervisor:
     def _close_in_worker(self) -> None:
         """In a fresh worker: drop the supervisor's descriptors and signal setup."""
         signal.set_wakeup_fd(-1)
+        if self.notifier is not None:
+            # Only the supervisor speaks for the service (rule 8).
+            self.notifier.close()
+            self.notifier = None
         for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         if self._selector is not None:
