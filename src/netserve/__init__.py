@@ -120,6 +120,15 @@ if hasattr(_socket, "AF_UNIX"):
         "ThreadPoolUnixStreamServer",
     ]
 
+if hasattr(_os, "fork"):
+    from netserve._supervisor import EXIT_WORKER_FAILED, Supervisor
+
+    __all__ += [
+        # netserve's own: the prefork supervisor.
+        "EXIT_WORKER_FAILED",
+        "Supervisor",
+    ]
+
 __all__ += [
     # netserve's own: serving sockets made elsewhere, and systemd.
     "server_from_socket",

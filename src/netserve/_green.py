@@ -261,6 +261,14 @@ class GreenMixIn(_MixInBase):
         # A handler's shutdown() must not wait: the loop needs this thread to stop.
         return self._green_hub.on_hub_thread()
 
+    def _netserve_call_in_loop(self, fn: Callable[[], None]) -> None:
+        # service_actions() runs on the thread that only waits; the hub's thread
+        # accepts, so it is the one that must show it completes its passes.
+        try:
+            self._green_hub.call_soon_threadsafe(fn)
+        except (RuntimeError, OSError):
+            pass  # the hub is closed or cannot start: no pass, no heartbeat
+
     def _green_start_accepting(self) -> None:
         hub = self._green_hub
         acceptor = self._netserve_acceptor()

@@ -369,6 +369,12 @@ class BaseServer:
         ``shutdown()`` would deadlock (the hub's thread, say)."""
         return False
 
+    def _netserve_call_in_loop(self, fn: Callable[[], None]) -> None:
+        """From ``service_actions()``: run ``fn`` on the thread whose passes show
+        the server is alive (the supervisor's liveness check). Here that is the
+        serving loop's own thread, which calls ``service_actions()``: at once."""
+        fn()
+
     def shutdown(self) -> None:
         """Stop ``serve_forever()``.
 

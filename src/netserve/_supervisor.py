@@ -1,0 +1,899 @@
+"""The prefork supervisor (issue 12, section 2): N worker processes on inherited sockets.
+
+The caller binds the listening sockets; ``Supervisor.run()`` forks workers that
+each build a server around them (``make_server(sockets)``, called in the worker
+after the fork) and run ``serve_forever()``, and watches them until a signal
+tells it to stop.
+
+Theory of operation
+-------------------
+The supervisor is one thread that sleeps in a selector. It wakes for:
+
+- a signal: every handled signal's number is written by the interpreter to a
+  pipe (``signal.set_wakeup_fd``); the Python-level handlers do nothing. SIGCHLD
+  is handled too, so a worker's exit wakes the loop; exited workers are reaped
+  pid by pid (never ``waitpid(-1)``: other code may have children here);
+- a worker's status pipe: ``R`` once ``make_server()`` (and the hooks) returned
+  and the server serves, ``.`` a heartbeat, ``D`` "I am draining on my own"
+  (``max_requests``), end-of-file as it exits;
+- a deadline: a worker's liveness deadline, a SIGKILL due after a SIGTERM, the
+  end of a start-up back-off.
+
+Rules:
+
+1. Each worker has an id (1, 2, 3 ... in order of forking) and a generation;
+   HUP starts a new generation. The supervisor keeps ``workers`` serving
+   workers of the current generation (and, during a reload, of the new one);
+   a worker told to drain ("retiring") no longer counts, and its replacement
+   starts at once.
+2. A worker that exits before it said ``R`` failed at start-up. The next one
+   starts after a back-off (0.1 s doubling, at most ``_BACKOFF_MAX``), one at
+   a time. After ``_BOOT_TRIES`` such failures in a row with no worker
+   serving, ``run()`` gives up with ``EXIT_WORKER_FAILED``; the worker printed
+   its traceback on stderr (inherited), which is the error the user reads.
+3. Liveness: a worker that is not draining must send something within
+   ``timeout`` (counted from its fork while it starts). It sends ``.`` only
+   when every serving loop has completed a pass since its last beat: the loop
+   that accepts (the hub's thread on the hub) runs ``service_actions()`` on
+   every pass, at least every ``timeout / 4`` (its ``poll_interval``). A silent
+   worker gets SIGTERM, then SIGKILL ``kill_grace`` later, and is replaced. On
+   the sync model, whose loop runs the handler itself, one request longer than
+   ``timeout`` gets its worker replaced (as gunicorn's sync workers are).
+4. A draining worker (TERM, TTOU, a reload, ``max_requests``) gets
+   ``graceful_timeout + kill_grace`` before SIGKILL; its server's own
+   ``drain(graceful_timeout)`` ends what is left at ``graceful_timeout``.
+5. HUP: ``import_fresh()`` (if given) runs here; then a full new generation
+   forks. Once every one of them said ``R``, the old generation drains. If one
+   of them exits first (or stays silent past ``timeout``), the reload failed:
+   the rest of the new generation drains, the old one keeps serving, and the
+   failure is logged.
+6. A worker exits by itself when the supervisor is gone: every worker watches
+   the read end of a pipe whose write end only the supervisor holds, and sees
+   end-of-file when the supervisor's process ends, however it ends. (A
+   parent-death signal would fire when the forking *thread* ends.)
+
+7. The listeners are non-blocking in every worker: ``O_NONBLOCK`` is shared by
+   every process that holds the socket, so no worker may set it back to
+   blocking (one that did would leave the others blocked in ``accept()``
+   when another process took the connection first).
+
+8. Only the supervisor notifies systemd (``notifier``): READY=1 once every
+   worker of the first generation serves, RELOADING=1 and READY=1 around a
+   reload, STOPPING=1; WATCHDOG=1 only while some worker reports alive.
+
+In the worker, the main thread only waits (signals, the supervisor pipe, its
+serving loops ending, a heartbeat timer); each server's ``serve_forever()``
+runs on a thread of its own, so that ``drain()`` is called from outside the
+serving loop, as it expects.
+
+Signals to the supervisor: TERM graceful stop (workers drain; status 0); INT
+and QUIT fast stop (workers close and end their connections at once; status
+0); HUP reload; TTIN and TTOU one worker more or fewer (never fewer than one);
+USR1 calls ``reopen_logs()`` here and in every worker. Left out: USR2 (re-exec
+the supervisor with the sockets inherited), WINCH (gunicorn stops its workers
+when daemonized; netserve never daemonizes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import selectors
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from netserve._systemd import SystemdNotifier
+
+__all__ = ["EXIT_WORKER_FAILED", "Supervisor"]
+
+log = logging.getLogger("netserve.supervisor")
+
+#: ``run()``'s status when no worker could start (rule 2).
+EXIT_WORKER_FAILED = 3
+
+# A worker's exit status when make_server() or a hook raised before it served.
+_BOOT_FAILED = 3
+# ... and when a serving loop ended on its own (serve_forever() raised).
+_LOOP_FAILED = 4
+
+_READY = b"R"
+_BEAT = b"."
+_RETIRING = b"D"
+
+# Start-up back-off (rule 2): the first pause, its cap, and how many failures
+# in a row with nothing serving make run() give up (0.1+0.2+0.4+0.8 s: about
+# 1.5 s before the user sees the status).
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 3.2
+_BOOT_TRIES = 5
+
+# Messages on a worker's own wake-up pipe, besides signal numbers (1..64).
+_LOOP_ENDED = 0xFF
+_MAX_REQUESTS = 0xFE
+
+_SUPERVISOR_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+_WORKER_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+)
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _wake_only(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: the wake-up fd already carries the signal."""
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _send(fd: int, message: bytes) -> None:
+    try:
+        os.write(fd, message)
+    except (BlockingIOError, BrokenPipeError):
+        pass  # a full pipe: the supervisor is not reading; gone: nobody is
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+class _Worker:
+    """The supervisor's record of one worker process."""
+
+    __slots__ = (
+        "generation",
+        "id",
+        "kill_at",
+        "killed",
+        "last_seen",
+        "pid",
+        "pipe",
+        "ready",
+        "retiring",
+    )
+
+    def __init__(self, worker_id: int, pid: int, pipe: int, generation: int, now: float) -> None:
+        self.id = worker_id
+        self.pid = pid
+        self.pipe = pipe  # the read end of its status pipe; -1 once closed
+        self.generation = generation
+        self.ready = False
+        self.retiring = False  # told to drain or stop: no longer counts (rule 1)
+        self.last_seen = now
+        self.kill_at: float | None = None  # SIGKILL due then
+        self.killed = False
+
+
+class Supervisor:
+    """Forks ``workers`` processes that serve ``sockets``; ``run()`` watches them.
+
+    ``make_server(sockets)`` is called in each worker after the fork and
+    returns a server (or a list of servers, one per socket) built around the
+    inherited sockets, for example with ``netserve.server_from_socket()``;
+    the supervisor binds nothing. Each server runs ``serve_forever()``, with
+    ``service_actions()`` wrapped to report the loop's passes (rule 3).
+
+    Hooks, all optional: ``post_fork(worker_id)`` and ``worker_start(server)``
+    run in the worker (before and after ``make_server()``; an exception in
+    either fails the worker's start); ``worker_exit(worker_id, code)`` runs in
+    the supervisor after the worker was reaped (``code`` as
+    ``os.waitstatus_to_exitcode()`` gives it: negative for a signal);
+    ``reopen_logs()`` runs on USR1 in the supervisor and in every worker;
+    ``import_fresh()`` runs in the supervisor on HUP before the new workers
+    fork (an exception fails the reload; the old workers keep serving).
+
+    ``notifier`` (a ``SystemdNotifier``): READY=1 once every worker serves,
+    RELOADING=1 on HUP and READY=1 when the reload is done or has failed (with
+    a STATUS= line saying which), STOPPING=1 on TERM, INT and QUIT.
+    ``watchdog_interval`` (``systemd_watchdog_interval()``): WATCHDOG=1 every
+    quarter of it while some worker serves and reports alive.
+
+    ``max_requests``: a worker drains and is replaced after its servers have
+    handled that many requests (``statistics().handled``), plus a random
+    0..``max_requests_jitter`` of its own; 0 turns it off.
+
+    ``run()`` must be called on the main thread (it handles signals) of a
+    process with no other threads (it forks). The sockets are made
+    non-blocking in the workers (their shared open file description, rule 7).
+    """
+
+    #: Seconds between SIGTERM and SIGKILL for a silent worker, and past
+    #: ``graceful_timeout`` for a draining one.
+    kill_grace = 2.0
+
+    def __init__(
+        self,
+        make_server: Callable[[Sequence[Any]], Any],
+        sockets: Sequence[Any],
+        *,
+        workers: int = 1,
+        graceful_timeout: float = 30.0,
+        timeout: float = 30.0,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        post_fork: Callable[[int], object] | None = None,
+        worker_start: Callable[[Any], object] | None = None,
+        worker_exit: Callable[[int, int], object] | None = None,
+        reopen_logs: Callable[[], object] | None = None,
+        import_fresh: Callable[[], object] | None = None,
+        notifier: SystemdNotifier | None = None,
+        watchdog_interval: float | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if timeout <= 0 or graceful_timeout < 0:
+            raise ValueError("timeout must be positive and graceful_timeout not negative")
+        if max_requests < 0 or max_requests_jitter < 0:
+            raise ValueError("max_requests and max_requests_jitter cannot be negative")
+        self.make_server = make_server
+        self.sockets = list(sockets)
+        self.workers = workers
+        self.graceful_timeout = graceful_timeout
+        self.timeout = timeout
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.post_fork = post_fork
+        self.worker_start = worker_start
+        self.worker_exit = worker_exit
+        self.reopen_logs = reopen_logs
+        self.import_fresh = import_fresh
+        self.notifier = notifier
+        self.watchdog_interval = watchdog_interval
+        self._running = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._children: dict[int, _Worker] = {}
+        self._next_id = 1
+        self._generation = 0
+        self._pending: int | None = None  # the generation a reload is starting
+        self._boot_failures = 0
+        self._next_spawn = 0.0
+        self._stopping = False
+        self._status = 0
+        self._wake_r = self._wake_w = self._alive_r = self._alive_w = -1
+        self._selector: selectors.BaseSelector | None = None
+        self._announced = False  # READY=1 sent since the start
+        self._next_watchdog = 0.0
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the workers running now (for the supervisor's own process)."""
+        return sorted(self._children)
+
+    # -- the supervisor ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until TERM, INT or QUIT; returns the exit status (0, or
+        ``EXIT_WORKER_FAILED`` when no worker could start)."""
+        if self._running:
+            raise RuntimeError("Supervisor.run() is already running")
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("Supervisor.run() must run on the main thread")
+        self._running = True
+        self._reset()
+        saved: dict[signal.Signals, _Handler] = {}
+        saved_wakeup = -1
+        try:
+            self._wake_r, self._wake_w = _nonblocking_pipe()
+            self._alive_r, self._alive_w = os.pipe()
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            saved_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            for signum in _SUPERVISOR_SIGNALS:
+                saved[signum] = signal.signal(signum, _wake_only)
+            return self._loop()
+        finally:
+            # Only an exception out of the loop leaves workers here: end them.
+            for worker in self._children.values():
+                self._signal(worker, signal.SIGKILL)
+            for pid in list(self._children):
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            for number, handler in saved.items():
+                signal.signal(number, handler)
+            if saved:
+                signal.set_wakeup_fd(saved_wakeup)
+            if self._selector is not None:
+                self._selector.close()
+            for worker in self._children.values():
+                self._close_pipe(worker)
+            self._children.clear()
+            for fd in (self._wake_r, self._wake_w, self._alive_r, self._alive_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._running = False
+
+    def _loop(self) -> int:
+        assert self._selector is not None
+        self._spawn_missing(time.monotonic())
+        while True:
+            now = time.monotonic()
+            deadline = self._next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - now)
+            for key, _ in self._selector.select(wait):
+                if key.data is None:
+                    self._read_signals()
+                else:
+                    self._read_worker(key.data)
+            self._reap()
+            now = time.monotonic()
+            self._check_deadlines(now)
+            if self._stopping:
+                if not self._children:
+                    return self._status
+            else:
+                self._spawn_missing(now)
+
+    def _read_signals(self) -> None:
+        try:
+            data = os.read(self._wake_r, 256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGTERM:
+                self._stop(graceful=True)
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                self._stop(graceful=False)
+            elif signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGTTIN:
+                self.workers += 1
+                log.info("TTIN: %d workers", self.workers)
+            elif signum == signal.SIGTTOU:
+                self._fewer()
+            elif signum == signal.SIGUSR1:
+                self._reopen_logs()
+            # SIGCHLD: the loop reaps after every wake-up.
+
+    def _read_worker(self, worker: _Worker) -> None:
+        try:
+            data = os.read(worker.pipe, 512)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_pipe(worker)
+            return
+        self._heard(worker, data)
+
+    def _heard(self, worker: _Worker, data: bytes) -> None:
+        now = time.monotonic()
+        worker.last_seen = now
+        if _READY in data and not worker.ready:
+            worker.ready = True
+            self._boot_failures = 0
+            log.info("worker %d (pid %d) serving", worker.id, worker.pid)
+            if worker.generation == self._pending:
+                self._reload_progress(now)
+            elif not self._announced and self._all_serving(self._generation):
+                self._announced = True
+                self._notify("ready", f"{self.workers} workers serving")
+        if _RETIRING in data and not worker.retiring:
+            worker.retiring = True  # its replacement starts now (rule 1)
+            worker.kill_at = now + self.graceful_timeout + self.kill_grace
+            log.info("worker %d (pid %d) reached max_requests; draining", worker.id, worker.pid)
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.pipe < 0:
+            return
+        if self._selector is not None:
+            try:
+                self._selector.unregister(worker.pipe)
+            except (KeyError, ValueError):
+                pass
+        os.close(worker.pipe)
+        worker.pipe = -1
+
+    def _reap(self) -> None:
+        for pid, worker in list(self._children.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0  # reaped by someone else: its status is lost
+            if done == 0:
+                continue
+            # What it wrote before it exited is still in the pipe: read it first.
+            while worker.pipe >= 0:
+                try:
+                    data = os.read(worker.pipe, 512)
+                except BlockingIOError:
+                    break  # a child of its own (forking model) holds the pipe
+                if not data:
+                    break
+                self._heard(worker, data)
+            self._close_pipe(worker)
+            del self._children[pid]
+            self._exited(worker, os.waitstatus_to_exitcode(status))
+
+    def _exited(self, worker: _Worker, code: int) -> None:
+        now = time.monotonic()
+        if self.worker_exit is not None:
+            try:
+                self.worker_exit(worker.id, code)
+            except Exception:
+                log.exception("worker_exit hook failed for worker %d", worker.id)
+        how = _describe(code)
+        if worker.generation == self._pending:
+            self._reload_failed(
+                f"new worker {worker.id} (pid {worker.pid}) exited with {how} "
+                + ("before serving" if not worker.ready else "before the reload finished")
+            )
+            return
+        if self._stopping or worker.retiring:
+            log.info("worker %d (pid %d) exited with %s", worker.id, worker.pid, how)
+            return
+        if worker.ready:
+            log.warning(
+                "worker %d (pid %d) exited with %s; replacing it", worker.id, worker.pid, how
+            )
+            return
+        self._boot_failures += 1
+        serving = any(w.ready and not w.retiring for w in self._children.values())
+        if self._boot_failures >= _BOOT_TRIES and not serving:
+            log.error(
+                "worker %d (pid %d) failed to start (exited with %s), %d times in a row "
+                "with no worker serving: stopping",
+                worker.id,
+                worker.pid,
+                how,
+                self._boot_failures,
+            )
+            self._status = EXIT_WORKER_FAILED
+            self._notify("status", f"worker {worker.id} failed to start ({how}); stopping")
+            self._stop(graceful=False)
+            return
+        pause = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self._boot_failures - 1))
+        self._next_spawn = now + pause
+        log.warning(
+            "worker %d (pid %d) failed to start (exited with %s); next try in %.1f s",
+            worker.id,
+            worker.pid,
+            how,
+            pause,
+        )
+
+    def _next_deadline(self) -> float | None:
+        deadlines = []
+        if not self._stopping and self._missing():
+            deadlines.append(self._next_spawn)
+        for worker in self._children.values():
+            if worker.kill_at is not None:
+                if not worker.killed:
+                    deadlines.append(worker.kill_at)
+            elif not worker.retiring:
+                deadlines.append(worker.last_seen + self.timeout)
+        if self.watchdog_interval and not self._stopping:
+            deadlines.append(self._next_watchdog)
+        return min(deadlines) if deadlines else None
+
+    def _check_deadlines(self, now: float) -> None:
+        if self.watchdog_interval and not self._stopping and now >= self._next_watchdog:
+            # A quarter of the interval: systemd wants one at least every half.
+            self._next_watchdog = now + self.watchdog_interval / 4
+            if any(
+                w.ready and not w.retiring and now - w.last_seen < self.timeout
+                for w in self._children.values()
+            ):
+                self._notify("watchdog")
+        for worker in list(self._children.values()):
+            if worker.kill_at is not None:
+                if not worker.killed and now >= worker.kill_at:
+                    log.warning(
+                        "worker %d (pid %d) still running past its deadline: SIGKILL",
+                        worker.id,
+                        worker.pid,
+                    )
+                    self._signal(worker, signal.SIGKILL)
+                    worker.killed = True
+            elif not worker.retiring and now - worker.last_seen >= self.timeout:
+                log.error(
+                    "worker %d (pid %d) silent for %.1f s (timeout %g s): %s; replacing it",
+                    worker.id,
+                    worker.pid,
+                    now - worker.last_seen,
+                    self.timeout,
+                    "its serving loop is blocked" if worker.ready else "stuck starting",
+                )
+                worker.retiring = True
+                worker.kill_at = now + self.kill_grace
+                self._signal(worker, signal.SIGTERM)
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass  # exited; reaped on the next pass
+
+    def _retire(self, worker: _Worker, now: float) -> None:
+        """Tell a worker to drain (rule 4)."""
+        worker.retiring = True
+        deadline = now + self.graceful_timeout + self.kill_grace
+        worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
+        self._signal(worker, signal.SIGTERM)
+
+    def _counted(self, generation: int) -> list[_Worker]:
+        return [w for w in self._children.values() if w.generation == generation and not w.retiring]
+
+    def _missing(self) -> int:
+        missing = self.workers - len(self._counted(self._generation))
+        if self._pending is not None:
+            missing += self.workers - len(self._counted(self._pending))
+        return max(0, missing)
+
+    def _spawn_missing(self, now: float) -> None:
+        generations = [self._generation]
+        if self._pending is not None:
+            generations.append(self._pending)
+        for generation in generations:
+            count = self.workers - len(self._counted(generation))
+            if generation == self._generation and self._boot_failures:
+                # Backing off (rule 2): one at a time, and not before its time.
+                starting = any(not w.ready for w in self._counted(generation))
+                if now < self._next_spawn or starting:
+                    continue
+                count = min(count, 1)
+            for _ in range(count):
+                self._spawn(generation, now)
+
+    def _stop(self, *, graceful: bool) -> None:
+        now = time.monotonic()
+        if self._stopping and graceful:
+            return  # a second TERM changes nothing; INT after TERM hurries it
+        self._stopping = True
+        if self._pending is not None:
+            self._pending = None
+            self._notify("ready", "reload abandoned: stopping")
+        self._notify("stopping", "graceful stop: draining" if graceful else "fast stop")
+        log.info("%s stop: %d workers", "graceful" if graceful else "fast", len(self._children))
+        for worker in self._children.values():
+            if graceful:
+                self._retire(worker, now)
+            else:
+                worker.retiring = True
+                deadline = now + self.kill_grace
+                if worker.kill_at is None or worker.kill_at > deadline:
+                    worker.kill_at = deadline
+                self._signal(worker, signal.SIGQUIT)
+
+    def _fewer(self) -> None:
+        if self.workers <= 1:
+            log.info("TTOU: already at one worker")
+            return
+        self.workers -= 1
+        log.info("TTOU: %d workers", self.workers)
+        now = time.monotonic()
+        for generation in (self._generation, self._pending):
+            if generation is None:
+                continue
+            counted = self._counted(generation)
+            if len(counted) > self.workers:
+                # The newest goes: the older ones have warmed up.
+                self._retire(max(counted, key=lambda w: w.id), now)
+
+    def _all_serving(self, generation: int) -> bool:
+        counted = self._counted(generation)
+        return len(counted) >= self.workers and all(w.ready for w in counted)
+
+    def _notify(self, what: str, *args: str) -> None:
+        """One ``SystemdNotifier`` call (it logs its own failures)."""
+        if self.notifier is not None:
+            getattr(self.notifier, what)(*args)
+
+    def _reopen_logs(self) -> None:
+        if self.reopen_logs is not None:
+            try:
+                self.reopen_logs()
+            except Exception:
+                log.exception("reopen_logs hook failed")
+        for worker in self._children.values():
+            self._signal(worker, signal.SIGUSR1)
+
+    def _reload(self) -> None:
+        if self._stopping:
+            return
+        if self._pending is not None:
+            log.warning("HUP: a reload is already in progress; ignored")
+            return
+        self._notify("reloading", f"reloading: starting {self.workers} new workers")
+        if self.import_fresh is not None:
+            try:
+                self.import_fresh()
+            except Exception as exc:
+                log.exception("reload failed: import_fresh() raised; the old workers keep serving")
+                self._notify("ready", f"reload failed: {exc!r}; the old workers keep serving")
+                return
+        self._pending = self._generation + 1
+        log.info("HUP: starting %d new workers", self.workers)
+        self._spawn_missing(time.monotonic())
+
+    def _reload_progress(self, now: float) -> None:
+        assert self._pending is not None
+        if sum(w.ready for w in self._counted(self._pending)) < self.workers:
+            return
+        old = [w for w in self._children.values() if w.generation != self._pending]
+        self._generation, self._pending = self._pending, None
+        log.info("reload done: %d new workers serve; %d old ones drain", self.workers, len(old))
+        self._notify("ready", f"reloaded: {self.workers} workers serving")
+        for worker in old:
+            if not worker.retiring:
+                self._retire(worker, now)
+
+    def _reload_failed(self, why: str) -> None:
+        now = time.monotonic()
+        pending, self._pending = self._pending, None
+        log.error("reload failed: %s; the old workers keep serving", why)
+        self._notify("ready", f"reload failed: {why}; the old workers keep serving")
+        for worker in self._children.values():
+            if worker.generation == pending and not worker.retiring:
+                self._retire(worker, now)
+
+    def _spawn(self, generation: int, now: float) -> None:
+        worker_id = self._next_id
+        self._next_id += 1
+        jitter = random.randint(0, self.max_requests_jitter) if self.max_requests else 0
+        r, w = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                code = _WorkerProcess(self, worker_id, w, jitter).run()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                # Never return into the caller's stack in a forked copy of it.
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(code)
+        os.close(w)
+        os.set_blocking(r, False)
+        worker = _Worker(worker_id, pid, r, generation, now)
+        self._children[pid] = worker
+        assert self._selector is not None
+        self._selector.register(r, selectors.EVENT_READ, worker)
+
+    def _close_in_worker(self) -> None:
+        """In a fresh worker: drop the supervisor's descriptors and signal setup."""
+        signal.set_wakeup_fd(-1)
+        if self.notifier is not None:
+            # Only the supervisor speaks for the service (rule 8).
+            self.notifier.close()
+            self.notifier = None
+        for signum in _SUPERVISOR_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        for worker in self._children.values():
+            if worker.pipe >= 0:
+                os.close(worker.pipe)
+        for fd in (self._wake_r, self._wake_w, self._alive_w):
+            os.close(fd)
+        self._children = {}
+
+
+class _WorkerProcess:
+    """One worker, in its own process: build the server, serve, stop when told."""
+
+    def __init__(self, supervisor: Supervisor, worker_id: int, status: int, jitter: int) -> None:
+        self.sup = supervisor
+        self.id = worker_id
+        self.status = status
+        self.max_requests = supervisor.max_requests + jitter if supervisor.max_requests else 0
+        self.interval = supervisor.timeout / 4
+        self.servers: list[Any] = []
+        self.threads: list[threading.Thread] = []
+        self.passes: list[float] = []
+        self.ctl_r = self.ctl_w = -1
+        self.alive = supervisor._alive_r
+
+    def run(self) -> int:
+        sup = self.sup
+        sup._close_in_worker()
+        os.set_blocking(self.status, False)
+        self.ctl_r, self.ctl_w = _nonblocking_pipe()
+        signal.set_wakeup_fd(self.ctl_w, warn_on_full_buffer=False)
+        for signum in _WORKER_SIGNALS:
+            signal.signal(signum, _wake_only)
+        try:
+            for sock in sup.sockets:
+                # O_NONBLOCK belongs to the listener's open file description,
+                # which every worker shares: a loop that restored "blocking" as
+                # it left would make the others block in accept() once another
+                # worker took the connection. Non-blocking is what every one
+                # of them wants, and what each restores.
+                sock.setblocking(False)
+            if sup.post_fork is not None:
+                sup.post_fork(self.id)
+            made = sup.make_server(sup.sockets)
+            self.servers = list(made) if isinstance(made, list | tuple) else [made]
+            if sup.worker_start is not None:
+                sup.worker_start(made)
+        except BaseException:
+            sys.stderr.write(f"netserve: worker {self.id} (pid {os.getpid()}) failed to start:\n")
+            traceback.print_exc()
+            for server in self.servers:
+                self._close(server)
+            return _BOOT_FAILED
+        start = time.monotonic()
+        self.passes = [start] * len(self.servers)
+        for index, server in enumerate(self.servers):
+            self._watch_passes(index, server)
+            thread = threading.Thread(
+                target=self._serve, args=(server,), name=f"netserve-worker-{self.id}", daemon=True
+            )
+            self.threads.append(thread)
+            thread.start()
+        _send(self.status, _READY)
+        return self._control(start)
+
+    def _watch_passes(self, index: int, server: Any) -> None:
+        """Wrap the server's ``service_actions()``: note each pass of its loop."""
+        original = server.service_actions
+        call_in_loop = getattr(server, "_netserve_call_in_loop", None)
+        passes = self.passes
+        posted = [False]
+        limit = self.max_requests
+        retiring = [False]
+        wake = self.ctl_w
+
+        def note() -> None:
+            posted[0] = False
+            passes[index] = time.monotonic()
+
+        def service_actions() -> None:
+            original()
+            if call_in_loop is None:
+                note()
+            elif not posted[0]:
+                posted[0] = True  # a stuck loop never accumulates calls
+                call_in_loop(note)
+            if limit and not retiring[0] and self._handled() >= limit:
+                retiring[0] = True
+                _send(wake, bytes([_MAX_REQUESTS]))
+
+        server.service_actions = service_actions
+
+    def _handled(self) -> int:
+        total = 0
+        for server in self.servers:
+            statistics = getattr(server, "statistics", None)
+            if statistics is not None:
+                total += statistics().handled
+        return total
+
+    def _serve(self, server: Any) -> None:
+        try:
+            server.serve_forever(poll_interval=self.interval)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            _send(self.ctl_w, bytes([_LOOP_ENDED]))
+
+    def _control(self, start: float) -> int:
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctl_r, selectors.EVENT_READ)
+        sel.register(self.alive, selectors.EVENT_READ)
+        beat_sent = start
+        try:
+            while True:
+                for key, _ in sel.select(self.interval):
+                    if key.fd == self.alive:
+                        sys.stderr.write(
+                            f"netserve: worker {self.id} (pid {os.getpid()}): "
+                            "the supervisor is gone; stopping\n"
+                        )
+                        return self._stop(graceful=False, code=0)
+                    for message in os.read(self.ctl_r, 256):
+                        if message == signal.SIGTERM:
+                            return self._stop(graceful=True, code=0)
+                        if message in (signal.SIGINT, signal.SIGQUIT):
+                            return self._stop(graceful=False, code=0)
+                        if message == signal.SIGUSR1 and self.sup.reopen_logs is not None:
+                            try:
+                                self.sup.reopen_logs()
+                            except Exception:
+                                traceback.print_exc()
+                        elif message == _MAX_REQUESTS:
+                            _send(self.status, _RETIRING)
+                            return self._stop(graceful=True, code=0)
+                        elif message == _LOOP_ENDED:
+                            return self._stop(graceful=False, code=_LOOP_FAILED)
+                        # HUP, TTIN, TTOU: meant for the supervisor; ignored.
+                if min(self.passes) > beat_sent:
+                    beat_sent = time.monotonic()
+                    _send(self.status, _BEAT)
+        finally:
+            sel.close()
+
+    def _stop(self, *, graceful: bool, code: int) -> int:
+        timeout = self.sup.graceful_timeout
+        finished: list[bool] = []
+        if graceful:
+            drains = [
+                threading.Thread(
+                    target=lambda s=server: finished.append(self._drain(s, timeout)),
+                    daemon=True,
+                )
+                for server in self.servers
+            ]
+            for thread in drains:
+                thread.start()
+            for thread in drains:
+                thread.join()
+        else:
+            for server in self.servers:
+                self._abort(server)
+        for thread in self.threads:
+            thread.join(self.sup.kill_grace)
+        if graceful and all(finished) and len(finished) == len(self.servers):
+            # Everything ended: close as usual. Otherwise a handler may still
+            # run (a thread in time.sleep()), which server_close() would wait
+            # for; the process ends instead, and the kernel closes the rest.
+            for server in self.servers:
+                self._close(server)
+        return code
+
+    @staticmethod
+    def _drain(server: Any, timeout: float) -> bool:
+        drain = getattr(server, "drain", None)
+        if drain is not None:
+            return bool(drain(timeout))
+        server.shutdown()
+        return True
+
+    def _abort(self, server: Any) -> None:
+        close = getattr(server, "close", None)
+        if close is None:
+            server.shutdown()
+            return
+        close()
+        server.abort_connections()
+        server.wait_closed(self.sup.kill_grace / 2)
+
+    @staticmethod
+    def _close(server: Any) -> None:
+        try:
+            server.server_close()
+        except Exception:
+            traceback.print_exc()
