@@ -19,19 +19,20 @@ import pwd
 import signal
 import socket
 import sys
-import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from types import FrameType, SimpleNamespace
 from typing import Any, NoReturn
 
 import netserve
 from netserve._combos import ThreadingTCPServer
 from netserve._demo import UpperCaseEchoHandler
 from netserve._errors import AddressError, ConfigurationError
+from netserve._proxy import proxy_policy
 from netserve._servers import TCPServer
-from netserve._systemd import systemd_listeners
+from netserve._supervisor import Supervisor
+from netserve._systemd import SystemdNotifier, systemd_listeners, systemd_watchdog_interval
 from netserve._target import (
     DEFAULT_MODEL,
     MODELS,
@@ -249,7 +250,41 @@ def _build_parser() -> _Parser:
         default=_env("model", DEFAULT_MODEL),
         help=f"concurrency model (default {DEFAULT_MODEL})",
     )
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=_positive(int),
+        default=int(_env("workers", 1)),
+        help="worker processes, each serving every socket (default 1, always supervised)",
+    )
     parser.add_argument("--threads", type=_positive(int), default=_env("threads"))
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=float(_env("timeout", 30)),
+        metavar="S",
+        help="a worker whose serving loop is silent this long is replaced (default 30)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=_positive(int),
+        default=int(_env("max-requests", 0)),
+        metavar="N",
+        help="recycle a worker after N requests (default 0: never)",
+    )
+    parser.add_argument(
+        "--max-requests-jitter",
+        type=_positive(int),
+        default=int(_env("max-requests-jitter", 0)),
+        metavar="N",
+        help="add 0..N to each worker's --max-requests",
+    )
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        default=bool(_env("preload")),
+        help="import the code once, in the supervisor (a reload then keeps it)",
+    )
     parser.add_argument(
         "--graceful-timeout",
         type=_positive(float),
@@ -326,6 +361,8 @@ def _not_users(filename: str) -> bool:
 
 
 def _serve_target(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise _UsageError("--workers must be at least 1")
     if args.threads is not None and args.model != "pool":
         raise _UsageError("--threads is for --model pool")
     if args.chdir:
@@ -341,20 +378,55 @@ def _serve_target(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    target = load_target(args.target)
-    maker = server_maker(target, args.model, threads=args.threads, attributes=_proxy_options(args))
+    attributes = _proxy_options(args)
+    # Imported here first, whatever --preload says: a mistake in the import
+    # string is then one line and status 2, before anything is bound.
+    before = set(sys.modules)
+    maker = server_maker(
+        load_target(args.target), args.model, threads=args.threads, attributes=attributes
+    )
     if args.check:
         print(f"netserve: {args.target} is servable with the {args.model} model")
         return 0
+    user_modules = set(sys.modules) - before
+
+    def fresh_maker() -> Callable[[socket.socket], Any]:
+        # Without --preload each worker (and a reload) imports the code afresh:
+        # the modules that importing it loaded are forgotten first.
+        for name in user_modules:
+            sys.modules.pop(name, None)
+        target = load_target(args.target)
+        return server_maker(target, args.model, threads=args.threads, attributes=attributes)
+
+    def make_servers(sockets: Sequence[socket.socket]) -> list[Any]:
+        make = maker if args.preload else fresh_maker()
+        return [make(sock) for sock in sockets]
+
     sockets = _listen(args)
     try:
+        if attributes:
+            # Checked here, not first in the workers: a contradiction is the
+            # user's mistake (one line, status 2), not a worker that fails.
+            for sock in sockets:
+                proxy_policy(SimpleNamespace(**attributes, address_family=sock.family))
         _drop_privileges(args.user, args.group)
-        servers = [maker(sock) for sock in sockets]
+        supervisor = Supervisor(
+            make_servers,
+            sockets,
+            workers=args.workers,
+            graceful_timeout=args.graceful_timeout,
+            timeout=args.timeout,
+            max_requests=args.max_requests,
+            max_requests_jitter=args.max_requests_jitter,
+            import_fresh=None if args.preload else fresh_maker,
+            notifier=SystemdNotifier(unset_environment=True),
+            watchdog_interval=systemd_watchdog_interval(),
+        )
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    return _run(servers, args)
+    return _supervise(supervisor, sockets, args)
 
 
 def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -448,9 +520,8 @@ def _reason(exc: Exception) -> str:
     return "no such user or group" if isinstance(exc, KeyError) else "not permitted"
 
 
-def _address_text(server: Any) -> tuple[str, str]:
-    """How the server is reached: its address, and a command that talks to it."""
-    sock = server.socket
+def _address_text(sock: socket.socket) -> tuple[str, str]:
+    """How a listening socket is reached: its address, and a command that talks to it."""
     address = sock.getsockname()
     if sock.family == getattr(socket, "AF_UNIX", None):
         shown = _unix_text(address)
@@ -465,63 +536,32 @@ def _address_text(server: Any) -> tuple[str, str]:
     return shown, f"nc{udp} {reach} {port}"
 
 
-def _run(servers: list[Any], args: argparse.Namespace) -> int:
-    """Serve until SIGTERM (drain) or SIGINT/SIGQUIT (fast stop)."""
-    stop_requested = threading.Event()
-    how: list[str] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        how.append("drain" if signum == signal.SIGTERM else "fast")
-        stop_requested.set()
-
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    threads = [
-        threading.Thread(target=server.serve_forever, name=f"netserve-serve-{i}")
-        for i, server in enumerate(servers)
-    ]
+def _supervise(supervisor: Supervisor, sockets: list[socket.socket], args: Any) -> int:
+    """Run the supervisor: workers serve until TERM (drain), INT or QUIT (fast)."""
+    # Signals wait from here until the supervisor handles them (it unblocks
+    # them): a TERM right after the banner must drain, not kill the process.
+    stopping = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     if args.pid:
         with open(args.pid, "w") as pidfile:
             pidfile.write(f"{os.getpid()}\n")
     try:
-        for thread in threads:
-            thread.start()
-        for server in servers:
-            shown, hint = _address_text(server)
+        for sock in sockets:
+            shown, hint = _address_text(sock)
             print(
                 f"netserve: serving {args.target} ({args.model} model) on {shown}   (try: {hint})",
                 flush=True,
             )
-        stop_requested.wait()
-        if how[0] == "drain":
-            drains = [
-                threading.Thread(target=server.drain, args=(args.graceful_timeout,))
-                for server in servers
-            ]
-            for thread in drains:
-                thread.start()
-            for thread in drains:
-                thread.join()
-        else:
-            for server in servers:
-                server.close()
-                server.abort_connections()
-        for server in servers:
-            server.shutdown()
-        for thread in threads:
-            thread.join()
-        for server in servers:
-            server.block_on_close = False
-            server.server_close()
+        status = supervisor.run()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sock in sockets:
+            sock.close()
         if args.pid:
             _unlink_quietly(args.pid)
-        for path, inode in _SOCKET_FILES:
-            remove_socket_file(path, inode)
+        for path, identity in _SOCKET_FILES:
+            remove_socket_file(path, identity)
     print("netserve: stopped", flush=True)
-    return 0
+    return status
 
 
 # The Unix socket files this command bound: (path, inode), removed as it stops.

@@ -312,6 +312,10 @@ class Supervisor:
             saved_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             for signum in _SUPERVISOR_SIGNALS:
                 saved[signum] = signal.signal(signum, _wake_only)
+            # A caller may block these signals until this point (the command
+            # does, from its banner on): one sent meanwhile is delivered now,
+            # to these handlers, instead of killing the process.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
             return self._loop()
         finally:
             # Only an exception out of the loop leaves workers here: end them.
