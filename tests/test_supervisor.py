@@ -59,7 +59,14 @@ class Echo(netserve.StreamRequestHandler):
 def make_server(sockets):
     if cfg.get("fail") or os.path.exists(cfg.get("fail_if", "/nonexistent")):
         raise RuntimeError("boom from make_server")
-    return netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
+    server = netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
+    if cfg.get("loop_fails"):
+
+        def serve_forever(poll_interval):
+            raise RuntimeError("boom from serve_forever")
+
+        server.serve_forever = serve_forever
+    return server
 
 
 def say(text):
@@ -296,7 +303,7 @@ def test_int_is_a_fast_stop(running: Any) -> None:
     assert gone(pid)
 
 
-def test_hup_replaces_every_worker_without_a_failed_request(running: Any) -> None:
+def test_hup_twice_replaces_every_worker_without_a_failed_request(running: Any) -> None:
     sup = running(workers=2, graceful_timeout=5.0)
     old = sup.serving(2)
     answered: list[int] = []
@@ -319,20 +326,23 @@ def test_hup_replaces_every_worker_without_a_failed_request(running: Any) -> Non
 
     thread = threading.Thread(target=client)
     thread.start()
+    generations = [old]
     try:
-        sup.signal(signal.SIGHUP)
-        new = sup.serving(2)
-        # The old workers drain and exit; the client keeps asking meanwhile.
         for _ in range(2):
-            sup.expect("EXIT")
+            sup.signal(signal.SIGHUP)
+            generations.append(sup.serving(2))
+            # The old workers drain and exit; the client keeps asking meanwhile.
+            for _ in range(2):
+                sup.expect("EXIT")
     finally:
         reloaded.set()
         thread.join()
     assert failures == []
-    assert not new & old
-    assert set(answered) <= old | new
-    assert set(answered[-10:]) <= new
-    assert all(gone(pid) for pid in old)
+    first, second, third = generations
+    assert len(first | second | third) == 6  # every pid changed, twice
+    assert set(answered) <= first | second | third
+    assert set(answered[-10:]) <= third
+    assert all(gone(pid) for pid in first | second)
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
 
@@ -345,9 +355,17 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(running: Any) -> None:
     err = sup.stderr()
     assert "RuntimeError: boom from make_server" in err
     assert "failed to start" in err
-    forks = [line for line in sup.lines if line.startswith("FORK")]
+    forks = [line for line in sup.rest() if line.startswith("FORK")]
     # Backed off, one at a time after the first failure: never a fork loop.
-    assert len(forks) <= 7, forks
+    assert len(forks) == 5, forks
+
+
+def test_a_worker_whose_loop_fails_at_once_is_no_fork_loop(running: Any) -> None:
+    sup = running(workers=1, loop_fails=True)
+    assert sup.wait(20) == netserve.EXIT_WORKER_FAILED
+    assert "RuntimeError: boom from serve_forever" in sup.stderr()
+    forks = [line for line in sup.rest() if line.startswith("FORK")]
+    assert len(forks) == 5, forks
 
 
 def test_workers_exit_when_the_supervisor_is_killed(running: Any) -> None:
@@ -448,7 +466,7 @@ def test_hup_with_code_that_fails_keeps_the_old_workers(running: Any, tmp_path: 
     assert not new & old
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
-    forks = [line for line in sup.lines if line.startswith("FORK")]
+    forks = [line for line in [*sup.lines, *sup.rest()] if line.startswith("FORK")]
     assert len(forks) == 6
 
 
