@@ -30,7 +30,7 @@ import pytest
 import netserve
 
 SCRIPT = r"""
-import json, logging, os, socket, sys, time
+import json, logging, os, socket, socketserver, sys, time
 import netserve
 
 cfg = json.loads(sys.argv[1])
@@ -56,7 +56,26 @@ class Echo(netserve.StreamRequestHandler):
             self.wfile.flush()
 
 
+class StdlibEcho(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"%d " % os.getpid() + line)
+
+
+def stdlib_server(sock):
+    # A server netserve did not make: the supervisor needs only serve_forever(),
+    # service_actions(), shutdown() and server_close().
+    server = socketserver.ThreadingTCPServer(
+        sock.getsockname(), StdlibEcho, bind_and_activate=False
+    )
+    server.socket.close()
+    server.socket = sock
+    return server
+
+
 def make_server(sockets):
+    if cfg["model"] == "stdlib":
+        return stdlib_server(sockets[0])
     if cfg.get("fail") or os.path.exists(cfg.get("fail_if", "/nonexistent")):
         raise RuntimeError("boom from make_server")
     server = netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
@@ -431,7 +450,7 @@ def test_ttin_ttou_and_usr1(running: Any) -> None:
     assert sup.wait() == 0
 
 
-@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green"])
+@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green", "stdlib"])
 def test_every_model_serves_and_drains(running: Any, model: str) -> None:
     sup = running(workers=2, model=model)
     pids = sup.serving(2)

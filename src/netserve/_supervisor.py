@@ -118,6 +118,10 @@ _BOOT_TRIES = 5
 # start: one whose serving loop fails at once must not become a fork loop.
 _EARLY_EXIT = 1.0
 
+# The stdlib's default poll_interval, for servers netserve did not make: a
+# stop waits that long for their loop to look at its flag.
+_FOREIGN_POLL = 0.5
+
 # Messages on a worker's own wake-up pipe, besides signal numbers (1..64).
 _LOOP_ENDED = 0xFF
 _MAX_REQUESTS = 0xFE
@@ -813,8 +817,12 @@ class _WorkerProcess:
         return total
 
     def _serve(self, server: Any) -> None:
+        interval = self.interval
+        if not hasattr(server, "_netserve_call_in_loop"):
+            # Not netserve's: its shutdown() waits up to a poll_interval.
+            interval = min(interval, _FOREIGN_POLL)
         try:
-            server.serve_forever(poll_interval=self.interval)
+            server.serve_forever(poll_interval=interval)
         except BaseException:
             traceback.print_exc()
         finally:
