@@ -515,3 +515,23 @@ def test_systemd_notifications(running: Any) -> None:
         sup.signal(signal.SIGTERM)
         until("STOPPING=1")
         assert sup.wait() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    # utime and stime, fields 14 and 15 of proc(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_supervisor_and_its_workers_sleep(running: Any) -> None:
+    sup = running(workers=2, timeout=0.4)
+    pids = sup.serving(2)
+    before = {pid: _cpu_seconds(pid) for pid in {sup.proc.pid, *pids}}
+    # Nothing to wait for: the point is to let time pass (heartbeats every 0.1 s).
+    time.sleep(1.5)
+    used = {pid: _cpu_seconds(pid) - spent for pid, spent in before.items()}
+    assert all(seconds < 0.3 for seconds in used.values()), used
+    assert ask(sup.port) in pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
