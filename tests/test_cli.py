@@ -127,7 +127,7 @@ def test_address_in_use_is_a_clear_error() -> None:
             timeout=30,
             check=False,
         )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a user's mistake (issue 12)
     assert result.stderr == f"netserve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 

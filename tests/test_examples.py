@@ -104,6 +104,14 @@ def test_pool_echo_example() -> None:
     assert re.fullmatch(r"Handled: (1[01]|[1-9])", lines[2]), lines[2]
 
 
+def test_proxy_protocol_example() -> None:
+    assert run_example("proxy_protocol.py").splitlines() == [
+        "hello ada, from 203.0.113.7",
+        "''",
+        "handled: 2 failed headers: 0",
+    ]
+
+
 @pytest.mark.parametrize("model", ["threading", "forking", "pool", "hub"])
 def test_graceful_stop_example(model: str) -> None:
     proc = subprocess.Popen(
@@ -169,7 +177,9 @@ def test_logging_setup_example() -> None:
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/lifecycle.md", "docs/limits.md"])
+@pytest.mark.parametrize(
+    "page", ["README.md", "docs/lifecycle.md", "docs/limits.md", "docs/deploying.md"]
+)
 def test_code_shown_in_the_docs_is_an_example(page: str) -> None:
     # Every Python block of the page is a verbatim part of an example file,
     # so the tests above run it.
@@ -183,3 +193,30 @@ def test_limits_example() -> None:
     assert run_example("limits.py") == (
         "echo: hello\nbye (idle_timeout)\nline too long\nhandled 1, timeouts 1\n"
     )
+
+
+def test_serve_app_example_under_the_command() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netserve", "serve_app:Shout", "--bind", "127.0.0.1:0"],
+        cwd=EXAMPLES,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        match = re.match(
+            r"netserve: serving serve_app:Shout \(pool model\) on 127.0.0.1:(\d+)", banner
+        )
+        assert match, banner
+        with connect(("127.0.0.1", int(match[1]))) as client:
+            client.sendall(b"hello\nbye\n")
+            assert recv_all(client) == b"HELLO\nbye\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)

@@ -13,11 +13,13 @@ from netserve._compat import install_as_socketserver, restore_socketserver
 from netserve._connections import ServerStatistics
 from netserve._errors import (
     AddressError,
+    ConfigurationError,
     ConnectionTimeout,
     LineTooLong,
     MissingExtraError,
     NetserveError,
     NetserveWarning,
+    ProxyProtocolError,
     SocketActivationError,
     StageError,
     UnusableSocketError,
@@ -37,6 +39,8 @@ from netserve._pool import (
     ThreadPoolTCPServer,
     ThreadPoolUDPServer,
 )
+from netserve._proxy import proxy_header
+from netserve._proxyproto import ProxyHeader
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._systemd import (
     SystemdNotifier,
@@ -105,8 +109,11 @@ __all__ += [
 if hasattr(_socket, "AF_UNIX"):
     from netserve._green import GreenUnixDatagramServer, GreenUnixStreamServer
     from netserve._pool import ThreadPoolUnixDatagramServer, ThreadPoolUnixStreamServer
+    from netserve._unix import PeerCredentials, peer_credentials
 
     __all__ += [
+        "PeerCredentials",
+        "peer_credentials",
         "GreenUnixDatagramServer",
         "GreenUnixStreamServer",
         "ThreadPoolUnixDatagramServer",
@@ -133,13 +140,18 @@ __all__ += [
     # netserve's own: running stdlib code on netserve.
     "install_as_socketserver",
     "restore_socketserver",
+    # netserve's own: the PROXY protocol.
+    "ProxyHeader",
+    "proxy_header",
     # netserve's own: errors and warnings.
     "AddressError",
+    "ConfigurationError",
     "ConnectionTimeout",
     "LineTooLong",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
+    "ProxyProtocolError",
     "SocketActivationError",
     "StageError",
     "UnusableSocketError",

@@ -158,6 +158,7 @@ class Acceptor:
         stream = self._stream
         limit = server.max_connections if stream else None
         per_client = server.max_connections_per_client if stream else None
+        proxy = server._netserve_proxy
         for _ in range(batch):
             if limit is not None and table.active >= limit:
                 return None  # the loop stops watching (see _servers)
@@ -179,6 +180,11 @@ class Acceptor:
             table.accept(request)
             try:
                 if per_client is not None and not self._admit(request, client_address, per_client):
+                    server.shutdown_request(request)
+                elif proxy is not None and not proxy.trusts(client_address):
+                    # The PROXY protocol's trusted peers: checked in verify_request's
+                    # place, so that an override of it cannot skip the check.
+                    table.refuse(request)
                     server.shutdown_request(request)
                 elif server.verify_request(request, client_address):
                     server.process_request(request, client_address)

@@ -1,51 +1,93 @@
-"""The ``netserve`` command: serves the upper-case echo demo.
+"""The ``netserve`` command: ``netserve [OPTIONS] MODULE:ATTR`` serves a handler.
 
-``netserve`` listens on localhost:9999; ``--bind HOST:PORT``, ``--bind [V6]:PORT``
-and ``--bind unix:PATH`` choose the address. SIGINT (Ctrl-C) and SIGTERM stop it
-through ``shutdown()``, which is safe to call from the serving thread: the loop
-leaves at once, the listener is closed and the process exits with status 0.
+With no ``MODULE:ATTR`` it serves the upper-case echo demo on localhost:9999.
+What ``ATTR`` may name is ``_target``'s; this module reads the options (each
+also from a ``NETSERVE_*`` environment variable), binds the sockets, and
+serves them until a signal: SIGTERM drains (``drain(graceful_timeout)``),
+SIGINT and SIGQUIT stop at once. A user's mistake is one line on stderr and
+exit status 2, never a traceback; an exception raised by the user's module
+while it is imported is shown with its traceback, as the user needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
+import logging
 import os
+import pwd
 import signal
 import socket
 import sys
+import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, NoReturn
 
+import netserve
 from netserve._combos import ThreadingTCPServer
 from netserve._demo import UpperCaseEchoHandler
-from netserve._errors import AddressError
+from netserve._errors import AddressError, ConfigurationError
 from netserve._servers import TCPServer
+from netserve._systemd import systemd_listeners
+from netserve._target import (
+    DEFAULT_MODEL,
+    MODELS,
+    TargetError,
+    TargetImportError,
+    load_target,
+    server_maker,
+)
+from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 __all__ = ["BindAddress", "main", "parse_bind"]
 
 DEFAULT_BIND = "localhost:9999"
+# Where MODULE:ATTR is served without --bind (and without socket activation).
+DEFAULT_TARGET_BIND = "127.0.0.1:8000"
+# Exit statuses: a user's mistake (argparse's too), and a server that failed
+# after it started.
+USAGE_ERROR = 2
+SERVER_FAILED = 3
 
 
 @dataclass(frozen=True)
 class BindAddress:
     """A parsed ``--bind`` value: an address family and a socket address."""
 
-    family: int
-    address: str | tuple[str, int]
+    family: int  # -1 for an inherited descriptor (fd://N)
+    address: str | tuple[str, int] | int
 
     def __str__(self) -> str:
+        if isinstance(self.address, int):
+            return f"fd://{self.address}"
         if isinstance(self.address, str):
-            return f"unix:{self.address}"
+            return f"unix:{_unix_text(self.address)}"
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _unix_text(path: str | bytes) -> str:
+    if isinstance(path, bytes):
+        path = path.decode(errors="replace")
+    return "@" + path[1:] if path.startswith("\0") else path
+
+
 def parse_bind(text: str) -> BindAddress:
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or ``unix:PATH``."""
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``unix:PATH`` or ``fd://N``."""
+    if text.startswith("fd://"):
+        number = text[len("fd://") :]
+        if not number.isdigit():
+            raise AddressError(f"{text!r}: fd:// needs a descriptor number, as in fd://3")
+        return BindAddress(-1, int(number))
     if text.startswith("unix:"):
         path = text[len("unix:") :]
-        if not path:
+        if not path or path == "@":
             raise AddressError("unix: needs a path, as in unix:/tmp/netserve.sock")
+        if path.startswith("@"):
+            path = "\0" + path[1:]  # a Linux abstract name: no file at all
         return BindAddress(socket.AF_UNIX, path)
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
@@ -79,13 +121,6 @@ def _is_ipv4_literal(host: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _bind_arg(text: str) -> BindAddress:
-    try:
-        return parse_bind(text)
-    except AddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _make_server(bind: BindAddress) -> TCPServer:
@@ -123,26 +158,16 @@ def _how_to_talk(bind: BindAddress, server: TCPServer) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``netserve`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="netserve",
-        description="Serve the upper-case echo demo: each line sent comes back upper-cased.",
-    )
-    parser.add_argument(
-        "--bind",
-        type=_bind_arg,
-        default=parse_bind(DEFAULT_BIND),
-        metavar="ADDRESS",
-        help=f"HOST:PORT, [IPV6]:PORT or unix:PATH (default {DEFAULT_BIND})",
-    )
-    args = parser.parse_args(argv)
-    bind: BindAddress = args.bind
+def _serve_demo(bind: BindAddress) -> int:
+    """The upper-case echo demo (no MODULE:ATTR), stopped by SIGINT or SIGTERM."""
+    if isinstance(bind.address, int):
+        print("netserve: the demo cannot serve fd:// addresses", file=sys.stderr)
+        return USAGE_ERROR
     try:
         server = _make_server(bind)
     except OSError as exc:
         print(f"netserve: cannot listen on {bind}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
 
     def stop(signum: int, frame: FrameType | None) -> None:
         server.shutdown()
@@ -159,6 +184,348 @@ def main(argv: list[str] | None = None) -> int:
             _unlink_quietly(str(bind.address))
     print("netserve: stopped", flush=True)
     return 0
+
+
+def _bind_arg(text: str) -> BindAddress:
+    try:
+        return parse_bind(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a user's mistake as one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"netserve: {message}\n")
+
+
+class _UsageError(Exception):
+    """A mistake on the command line found after parsing (one line, status 2)."""
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+        return value
+
+    return parse
+
+
+# Each option's NETSERVE_* variable: the option's long name, upper-cased.
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get("NETSERVE_" + name.upper().replace("-", "_"), default)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="netserve",
+        description=(
+            "Serve MODULE:ATTR (a request handler class, a server class, or a factory "
+            "taking the listening socket). Without it, the upper-case echo demo."
+        ),
+        epilog="Every option can also be set as NETSERVE_<OPTION> (e.g. NETSERVE_WORKERS=4).",
+    )
+    parser.add_argument("target", nargs="?", metavar="MODULE:ATTR", default=_env("target"))
+    parser.add_argument(
+        "-b",
+        "--bind",
+        type=_bind_arg,
+        action="append",
+        metavar="ADDRESS",
+        help="HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N; repeatable "
+        f"(default: the socket-activated sockets, else {DEFAULT_TARGET_BIND}; "
+        f"the demo: {DEFAULT_BIND})",
+    )
+    parser.add_argument("--udp", action="store_true", default=bool(_env("udp")))
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default=_env("model", DEFAULT_MODEL),
+        help=f"concurrency model (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--threads", type=_positive(int), default=_env("threads"))
+    parser.add_argument(
+        "--graceful-timeout",
+        type=_positive(float),
+        default=float(_env("graceful-timeout", 30)),
+        metavar="S",
+        help="how long SIGTERM lets requests in progress finish (default 30)",
+    )
+    parser.add_argument("--reuse-port", action="store_true", default=bool(_env("reuse-port")))
+    parser.add_argument(
+        "--proxy-protocol",
+        choices=["v1", "v2", "any"],
+        default=_env("proxy-protocol"),
+        help="expect a PROXY protocol header from the --proxy-trusted peers",
+    )
+    parser.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="CIDR",
+        help="a proxy that sends the header: an address, a network or 'unix'; repeatable "
+        "(NETSERVE_PROXY_TRUSTED: comma-separated)",
+    )
+    parser.add_argument("--user", default=_env("user"), help="drop to this user after binding")
+    parser.add_argument("--group", default=_env("group"), help="drop to this group")
+    parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
+    parser.add_argument("--chdir", default=_env("chdir"), metavar="DIR")
+    parser.add_argument("--pid", default=_env("pid"), metavar="FILE")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        default=_env("log-level", "info"),
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="import and validate MODULE:ATTR, then exit"
+    )
+    parser.add_argument("--version", action="version", version=f"netserve {_version()}")
+    return parser
+
+
+def _version() -> str:
+    return netserve.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``netserve`` command; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.bind is None and _env("bind"):
+        try:
+            args.bind = [parse_bind(text) for text in str(_env("bind")).split(",")]
+        except AddressError as exc:
+            parser.error(f"NETSERVE_BIND: {exc}")
+    if args.target is None:
+        return _serve_demo(args.bind[0] if args.bind else parse_bind(DEFAULT_BIND))
+    try:
+        return _serve_target(args)
+    except (_UsageError, TargetError, AddressError, ConfigurationError) as exc:
+        print(f"netserve: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except TargetImportError as exc:
+        print(f"netserve: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        if cause is not None:
+            # The user's frames only: netserve's and importlib's say nothing.
+            frames = cause.__traceback__
+            while frames is not None and _not_users(frames.tb_frame.f_code.co_filename):
+                frames = frames.tb_next
+            traceback.print_exception(type(cause), cause, frames)
+        return USAGE_ERROR
+
+
+def _not_users(filename: str) -> bool:
+    package = os.path.dirname(os.path.abspath(netserve.__file__))
+    return filename.startswith(package) or "importlib" in filename
+
+
+def _serve_target(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.model != "pool":
+        raise _UsageError("--threads is for --model pool")
+    if args.chdir:
+        try:
+            os.chdir(args.chdir)
+        except OSError as exc:
+            raise _UsageError(f"--chdir {args.chdir}: {exc.strerror}") from None
+    if args.umask is not None:
+        try:
+            os.umask(int(str(args.umask), 8))
+        except ValueError:
+            raise _UsageError(f"--umask {args.umask!r} is not an octal number") from None
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    target = load_target(args.target)
+    maker = server_maker(target, args.model, threads=args.threads, attributes=_proxy_options(args))
+    if args.check:
+        print(f"netserve: {args.target} is servable with the {args.model} model")
+        return 0
+    sockets = _listen(args)
+    try:
+        _drop_privileges(args.user, args.group)
+        servers = [maker(sock) for sock in sockets]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return _run(servers, args)
+
+
+def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The server attributes --proxy-protocol and --proxy-trusted set."""
+    trusted = args.proxy_trusted
+    if trusted is None and _env("proxy-trusted"):
+        trusted = [entry.strip() for entry in str(_env("proxy-trusted")).split(",")]
+    if args.proxy_protocol is None:
+        if trusted:
+            raise _UsageError("--proxy-trusted is for --proxy-protocol")
+        return {}
+    if not trusted:
+        raise _UsageError(
+            "--proxy-protocol needs --proxy-trusted: the proxies' addresses or networks"
+        )
+    return {"proxy_protocol": args.proxy_protocol, "proxy_trusted": tuple(trusted)}
+
+
+def _listen(args: argparse.Namespace) -> list[socket.socket]:
+    """The listening sockets: --bind, else the socket-activated ones, else the default."""
+    kind = socket.SOCK_DGRAM if args.udp else socket.SOCK_STREAM
+    binds: list[BindAddress] | None = args.bind
+    if not binds:
+        activated = systemd_listeners()
+        if activated:
+            return [listener.socket for listener in activated]
+        binds = [parse_bind(DEFAULT_TARGET_BIND)]
+    sockets: list[socket.socket] = []
+    try:
+        for bind in binds:
+            sockets.append(_open(bind, kind, reuse_port=args.reuse_port))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _open(bind: BindAddress, kind: int, *, reuse_port: bool) -> socket.socket:
+    if isinstance(bind.address, int):
+        try:
+            return socket.socket(fileno=bind.address)
+        except OSError as exc:
+            raise _UsageError(f"{bind}: not an open socket ({exc.strerror})") from None
+    sock = socket.socket(bind.family, kind)
+    try:
+        if bind.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if bind.family == socket.AF_INET6 and isinstance(bind.address, tuple):
+            # [::] is both stacks, explicitly (never left to net.ipv6.bindv6only).
+            dual = bind.address[0] in ("::", "")
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        if bind.family == socket.AF_UNIX:
+            # A stale file from a server that was killed is replaced; the file
+            # is removed when the command stops (see _run).
+            inode = bind_unix(sock, bind.address, replace_stale=True, mode=None)
+            _SOCKET_FILES.append((bind.address, inode))
+        else:
+            sock.bind(bind.address)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise _UsageError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _drop_privileges(user: str | None, group: str | None) -> None:
+    """After binding (a low port needs root), before serving."""
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            os.setgroups([gid])
+            os.setgid(gid)
+        except (KeyError, PermissionError) as exc:
+            raise _UsageError(f"--group {group}: {_reason(exc)}") from None
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            if group is None:
+                os.setgroups([entry.pw_gid])
+                os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+        except (KeyError, PermissionError) as exc:
+            raise _UsageError(f"--user {user}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    return "no such user or group" if isinstance(exc, KeyError) else "not permitted"
+
+
+def _address_text(server: Any) -> tuple[str, str]:
+    """How the server is reached: its address, and a command that talks to it."""
+    sock = server.socket
+    address = sock.getsockname()
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        shown = _unix_text(address)
+        if shown.startswith("@"):
+            return f"unix:{shown}", f"socat - ABSTRACT-CONNECT:{shown[1:]}"
+        return f"unix:{shown}", f"nc -U {shown}"
+    host, port = address[0], address[1]
+    # A wildcard address is not one a client can connect to: name loopback.
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    udp = " -u" if sock.type == socket.SOCK_DGRAM else ""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return shown, f"nc{udp} {reach} {port}"
+
+
+def _run(servers: list[Any], args: argparse.Namespace) -> int:
+    """Serve until SIGTERM (drain) or SIGINT/SIGQUIT (fast stop)."""
+    stop_requested = threading.Event()
+    how: list[str] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        how.append("drain" if signum == signal.SIGTERM else "fast")
+        stop_requested.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    threads = [
+        threading.Thread(target=server.serve_forever, name=f"netserve-serve-{i}")
+        for i, server in enumerate(servers)
+    ]
+    if args.pid:
+        with open(args.pid, "w") as pidfile:
+            pidfile.write(f"{os.getpid()}\n")
+    try:
+        for thread in threads:
+            thread.start()
+        for server in servers:
+            shown, hint = _address_text(server)
+            print(
+                f"netserve: serving {args.target} ({args.model} model) on {shown}   (try: {hint})",
+                flush=True,
+            )
+        stop_requested.wait()
+        if how[0] == "drain":
+            drains = [
+                threading.Thread(target=server.drain, args=(args.graceful_timeout,))
+                for server in servers
+            ]
+            for thread in drains:
+                thread.start()
+            for thread in drains:
+                thread.join()
+        else:
+            for server in servers:
+                server.close()
+                server.abort_connections()
+        for server in servers:
+            server.shutdown()
+        for thread in threads:
+            thread.join()
+        for server in servers:
+            server.block_on_close = False
+            server.server_close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if args.pid:
+            _unlink_quietly(args.pid)
+        for path, inode in _SOCKET_FILES:
+            remove_socket_file(path, inode)
+    print("netserve: stopped", flush=True)
+    return 0
+
+
+# The Unix socket files this command bound: (path, inode), removed as it stops.
+_SOCKET_FILES: list[tuple[Any, FileIdentity | None]] = []
 
 
 def _unlink_quietly(path: str) -> None:

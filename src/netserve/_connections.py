@@ -347,7 +347,8 @@ class ConnectionTable:
     # -- counted apart from a connection -------------------------------------------------
 
     def shed(self) -> None:
-        """A connection was accepted only to be closed (the descriptor table was full)."""
+        """A request was taken off the listener only to be dropped (a connection
+        while the descriptor table was full, a datagram too long to hand over)."""
         with self._lock:
             self.refused += 1
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 __all__ = [
     "AddressError",
+    "ConfigurationError",
     "ConnectionTimeout",
     "LineTooLong",
     "MissingExtraError",
     "NetserveError",
     "NetserveWarning",
+    "ProxyProtocolError",
     "SocketActivationError",
     "StageError",
     "UnusableSocketError",
@@ -54,6 +56,18 @@ class LineTooLong(NetserveError, ValueError):  # noqa: N818
 
 class StageError(NetserveError):
     """A connection stage rejected its peer (a malformed header, a failed handshake)."""
+
+
+class ProxyProtocolError(StageError):
+    """A PROXY protocol header was malformed, or not what the server expects.
+
+    The spec's answer to anything invalid is to abort the connection: the
+    stage closes it, counted as a stage failure.
+    """
+
+
+class ConfigurationError(NetserveError, ValueError):
+    """A server's attributes contradict each other (raised at construction)."""
 
 
 class MissingExtraError(NetserveError, ImportError):

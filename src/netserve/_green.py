@@ -137,6 +137,13 @@ class GreenMixIn(_MixInBase):
 
     _netserve_handles_inline = False
     _netserve_fast_interrupt = True
+    # Unix sockets: a stale file left by a killed server is replaced, and the
+    # file is removed on close (docs/deploying.md).
+    unix_replace_stale = True
+    unix_remove_on_close = True
+    # A datagram longer than max_packet_size is dropped and counted, never
+    # cut silently (docs/limits.md).
+    oversized_datagrams = "drop"
 
     # A stream connection gets its greenlet (and handler) only once it has sent
     # something: an idle connection costs a socket, not a handler. Set False for

@@ -9,10 +9,14 @@ the kernel's ``SO_RCVTIMEO`` and ``SO_SNDTIMEO``, so a blocking call costs no
 extra system call: a ``settimeout()`` socket polls before every call. A wait
 that runs out fails with EAGAIN, which ``TimedSocket`` turns into
 ``ConnectionTimeout`` where the handler waits. Both kernel time-outs restart
-with each call and each bit of progress: ``recv()`` waits at most the idle
-time for *some* bytes, and ``sendall()`` fails only when the peer took
-nothing for the whole write time-out, so a slow reader that keeps reading is
-never cut off.
+with each call: ``recv()`` waits at most the idle time for *some* bytes, and
+a send returns what it could send once the write time-out has passed, so a
+slow reader that keeps reading is never cut off; one that reads nothing is cut
+off after two or three write time-outs (the call that fills the buffers waits
+one out before it returns). The listener carries the time-outs, and TCP
+connections inherit them (``TimedAccept``); ``rfile`` and ``wfile`` call the
+socket's C methods directly (``_TimedRaw``, ``_TimedWriter``), so a handler's
+reads and writes cost no Python call more than the stdlib's.
 
 A time-out the handler sets itself (``settimeout()``, as
 ``StreamRequestHandler.timeout`` does) makes the socket the stdlib's again:

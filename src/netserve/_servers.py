@@ -33,6 +33,7 @@ Where netserve differs on purpose (each listed in the README):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import select
@@ -58,7 +59,9 @@ from netserve._errors import StageError
 from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
+from netserve._proxy import ProxyPolicy, proxy_policy
 from netserve._stages import Connection, Stage, check_deadline, run_stages
+from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
     from netserve._handlers import BaseRequestHandler
@@ -91,6 +94,7 @@ _ABORT_WAIT = 5.0
 
 _RULE = "-" * 40
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_TRUNCATED = int(getattr(socket, "MSG_TRUNC", 0))
 _NO_TIMEOUTS = (None, None, None, None)
 # Marks the wake-up socket among the selector's keys.
 _WAKER = "netserve-waker"
@@ -133,6 +137,11 @@ class BaseServer:
     # Whether a client's fault that ends a handler (a reset or broken pipe,
     # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
     client_faults_are_errors: bool = True
+    # The PROXY protocol header expected first on each connection (datagram): None
+    # (off), "v1", "v2" or "any"; and the peers that send it (addresses,
+    # networks, "unix"), which it requires. Others are refused (docs in _proxy).
+    proxy_protocol: str | None = None
+    proxy_trusted: Any = None
     # Whether leaving a ``with`` block on KeyboardInterrupt ends the open
     # connections at once (the pool and the hub) instead of waiting for them.
     _netserve_fast_interrupt: bool = False
@@ -142,6 +151,8 @@ class BaseServer:
     # Whether this class overrides _netserve_stages(): worked out once per class,
     # so that a server without stages asks for none on every connection.
     _netserve_has_stages: ClassVar[bool] = False
+    # The PROXY protocol policy, from the two attributes above (None: off).
+    _netserve_proxy: ProxyPolicy | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -156,6 +167,10 @@ class BaseServer:
         self._netserve_table = ConnectionTable()
         self._netserve_watching = False
         self._netserve_close_pending = False
+        proxy = proxy_policy(self)  # ConfigurationError if the attributes contradict
+        if proxy is not None:
+            self._netserve_proxy = proxy
+            vars(self)["_netserve_has_stages"] = True  # its stage, whatever the class
         # Set by drain(): read by the loop (a plain bool, every pass) and
         # waited on by handlers (the event).
         self._netserve_is_draining = False
@@ -548,6 +563,14 @@ class BaseServer:
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
                     return self._netserve_stage_bug(staged)
+        elif staged is None and self._netserve_proxy is not None:
+            # A datagram behind a proxy: its own header first (see _proxy).
+            try:
+                request, client_address = self._netserve_proxy.datagram(request, client_address)
+            except StageError as exc:
+                self._netserve_table.stage_failed(original, timed_out=False)
+                _stage_log.debug("datagram from %s dropped: %r", client_address, exc)
+                return STAGE_FAILED
         if staged is not None:
             request, client_address = staged.request, staged.client_address
         outcome = HANDLED
@@ -582,8 +605,10 @@ class BaseServer:
 
     def _netserve_stages(self) -> list[Stage]:
         """Fresh stages for one new stream connection, in order; a mix-in adds its
-        own to what ``super()`` returns. Called only in classes that override it."""
-        return []
+        own to what ``super()`` returns. Called only in classes that override it,
+        or that speak the PROXY protocol (whose stage comes first)."""
+        proxy = self._netserve_proxy
+        return [] if proxy is None else [proxy.stage()]
 
     def _netserve_stage_deadline(self) -> float | None:
         limit = self.stage_timeout
@@ -712,6 +737,13 @@ class TCPServer(BaseServer):
     allow_reuse_port: bool = False
     # Accepts with netserve's time-outs, once any is set (see _limits).
     _netserve_timed_accept: TimedAccept | None = None
+    # Unix sockets (see _unix): replace a stale socket file on bind (the new
+    # models), remove the file on server_close(), and the file's mode. Off in
+    # the stdlib's classes, which keep the stdlib's EADDRINUSE.
+    unix_replace_stale: bool = False
+    unix_remove_on_close: bool = False
+    unix_mode: int | None = None
+    _netserve_unix_inode: FileIdentity | None = None
 
     def __init__(
         self,
@@ -742,7 +774,15 @@ class TCPServer(BaseServer):
             and self.address_family in (socket.AF_INET, socket.AF_INET6)
         ):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(self.server_address)
+        if self.address_family == getattr(socket, "AF_UNIX", None):
+            self._netserve_unix_inode = bind_unix(
+                sock,
+                self.server_address,
+                replace_stale=self.unix_replace_stale,
+                mode=self.unix_mode,
+            )
+        else:
+            sock.bind(self.server_address)
         # Port 0 (or an abstract Unix name) resolves to the real address here.
         self.server_address = sock.getsockname()
 
@@ -756,8 +796,10 @@ class TCPServer(BaseServer):
         self.socket.listen(self.request_queue_size)
 
     def server_close(self) -> None:
-        """Close the listening socket."""
+        """Close the listening socket (and, with ``unix_remove_on_close``, its file)."""
         self.socket.close()
+        if self.unix_remove_on_close:
+            remove_socket_file(self.server_address, self._netserve_unix_inode)
 
     def _netserve_close_listener(self) -> None:
         self.socket.close()
@@ -797,8 +839,27 @@ class UDPServer(TCPServer):
     socket_type: int = socket.SOCK_DGRAM
     allow_reuse_address: bool = False
     allow_reuse_port: bool = False
-    # Longer datagrams are truncated to this size, silently, as in the stdlib.
+    # The longest datagram handed to a handler.
     max_packet_size: int = 8192
+    # A longer one: "truncate" (cut to max_packet_size, silently, as the
+    # stdlib does) or "drop" (counted in refused and logged: the new models).
+    oversized_datagrams: str = "truncate"
+    # SO_RCVBUF for the socket (None: the system's default). A burst of small
+    # datagrams overflows the default buffer; the kernel caps the size at
+    # net.core.rmem_max, and the size it took is logged on netserve.limits.
+    receive_buffer_size: int | None = None
+
+    def server_bind(self) -> None:
+        """Bind as a stream server does; apply ``receive_buffer_size`` first."""
+        if self.receive_buffer_size is not None:
+            sock = self.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer_size)
+            _limits_log.info(
+                "datagram receive buffer: asked for %d bytes, the kernel gave %d",
+                self.receive_buffer_size,
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            )
+        super().server_bind()
 
     def server_activate(self) -> None:
         """Datagram sockets do not listen."""
@@ -808,8 +869,28 @@ class UDPServer(TCPServer):
         # Only called once the socket is readable; MSG_DONTWAIT still keeps the
         # loop from blocking when another process sharing the socket took the
         # datagram first (EAGAIN is "nothing to take" to the accept routine).
-        data, client_address = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
+        if self.oversized_datagrams == "truncate":
+            data, client_address = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
+            return (data, self.socket), client_address
+        data, _, flags, client_address = self.socket.recvmsg(self.max_packet_size, 0, _DONTWAIT)
+        if flags & _TRUNCATED:
+            self._netserve_table.shed()
+            self._netserve_oversized_log().event(
+                "dropped a datagram from %s longer than max_packet_size (%d bytes)",
+                client_address,
+                self.max_packet_size,
+            )
+            # Nothing to hand over: to the accept routine, "nothing to take".
+            raise BlockingIOError(errno.EAGAIN, "an oversized datagram was dropped")
         return (data, self.socket), client_address
+
+    def _netserve_oversized_log(self) -> RateLimitedLog:
+        logged: RateLimitedLog | None = vars(self).get("_netserve_oversized")
+        if logged is None:
+            logged = self._netserve_oversized = RateLimitedLog(
+                _limits_log, logging.WARNING, clock=self._netserve_table.clock
+            )
+        return logged
 
     def shutdown_request(self, request: _Request) -> None:
         """Nothing to half-close: the socket is the server's."""

@@ -1,0 +1,322 @@
+"""``netserve MODULE:ATTR``: the command serves a user's handler (issue 12, section 1).
+
+Each test writes a handler module into a temporary directory, runs the
+command there as a subprocess, reads the address it prints, and talks to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import connect, recv_all
+
+APP = r"""
+import os
+import time
+import netserve
+
+class Echo(netserve.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line.upper())
+
+class Slow(netserve.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        self.wfile.write(b"started\n")
+        time.sleep(0.5)
+        self.wfile.write(line.upper())
+
+class Datagrams(netserve.DatagramRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.read().upper())
+
+class Client(netserve.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(repr(self.client_address).encode() + b" " + self.rfile.readline())
+
+class EchoServer(netserve.ThreadingTCPServer):
+    RequestHandlerClass = Echo
+
+def factory(sock):
+    return netserve.server_from_socket(netserve.ThreadingTCPServer, sock, Echo)
+
+not_servable = 42
+"""
+
+BANNER = re.compile(r"netserve: serving (\S+) \((\w+) model\) on (\S+)")
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "broken.py").write_text("import os\nraise RuntimeError('boom at import')\n")
+    return tmp_path
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise AssertionError("no line from the command in time")
+    return proc.stdout.readline()
+
+
+@contextmanager
+def serving(app_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """Run ``netserve ARGS`` in ``app_dir``; yield (process, [(host, port), ...])."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netserve", *args],
+        cwd=app_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        line = _read_line(proc, 20)
+        match = BANNER.match(line)
+        assert match, line + (proc.stderr.read() if proc.stderr else "")
+        shown = match[3]
+        if shown.startswith("unix:"):
+            yield proc, match, shown[len("unix:") :]
+        else:
+            host, _, port = shown.rpartition(":")
+            yield proc, match, (host.strip("[]"), int(port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_serves_a_handler_and_drains_on_sigterm(app_dir: Path) -> None:
+    with serving(app_dir, "app:Echo", "--bind", "127.0.0.1:0") as (proc, match, address):
+        assert match[1] == "app:Echo"
+        assert match[2] == "pool"  # the default model
+        with connect(address) as client:
+            client.sendall(b"hello\n")
+            assert client.recv(100) == b"HELLO\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out.endswith("netserve: stopped\n")
+
+
+@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green"])
+def test_sigterm_lets_the_requests_in_flight_finish(app_dir: Path, model: str) -> None:
+    with serving(app_dir, "app:Slow", "-b", "127.0.0.1:0", "--model", model) as (
+        proc,
+        match,
+        address,
+    ):
+        assert match[2] == model
+        count = 1 if model == "sync" else 3
+        clients = [connect(address) for _ in range(count)]
+        try:
+            for i, client in enumerate(clients):
+                client.sendall(b"slow %d\n" % i)
+            for client in clients:
+                assert client.recv(8) == b"started\n"
+            # Every request is in its handler: the drain lets each finish.
+            proc.send_signal(signal.SIGTERM)
+            for i, client in enumerate(clients):
+                assert recv_all(client) == b"SLOW %d\n" % i
+        finally:
+            for client in clients:
+                client.close()
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_a_server_class_and_a_factory_are_served(app_dir: Path) -> None:
+    for target in ("app:EchoServer", "app:factory"):
+        with serving(app_dir, target, "-b", "127.0.0.1:0") as (proc, _, address):
+            with connect(address) as client:
+                client.sendall(b"x\n")
+                assert client.recv(100) == b"X\n"
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+
+
+def test_udp_unix_and_environment_options(app_dir: Path) -> None:
+    with serving(app_dir, "app:Datagrams", "-b", "127.0.0.1:0", "--udp") as (proc, _, address):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"dgram", address)
+            assert client.recv(100) == b"DGRAM"
+        proc.send_signal(signal.SIGTERM)
+    path = str(app_dir / "s.sock")
+    env = {"NETSERVE_MODEL": "threading", "NETSERVE_BIND": f"unix:{path}"}
+    with serving(app_dir, "app:Echo", env=env) as (proc, match, _):
+        assert match[2] == "threading"
+        with connect(path, socket.AF_UNIX) as client:
+            client.sendall(b"u\n")
+            assert client.recv(100) == b"U\n"
+        proc.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("target", ["app:Client", "app:EchoServer"])
+def test_proxy_protocol_options(app_dir: Path, target: str) -> None:
+    args = ["-b", "127.0.0.1:0", "--proxy-protocol", "v1", "--proxy-trusted", "10.0.0.0/8"]
+    env = {"NETSERVE_PROXY_TRUSTED": "192.0.2.1, 127.0.0.1"}  # ignored: the option wins
+    with serving(app_dir, target, *args, "--proxy-trusted", "127.0.0.1", env=env) as (
+        proc,
+        _,
+        address,
+    ):
+        with connect(address) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n")
+            expected = b"('203.0.113.7', 5555) hi\n" if target == "app:Client" else b"HI\n"
+            assert client.recv(100) == expected
+        proc.send_signal(signal.SIGTERM)
+    env = {"NETSERVE_PROXY_PROTOCOL": "v1", "NETSERVE_PROXY_TRUSTED": "10.0.0.0/8, 127.0.0.1"}
+    with serving(app_dir, target, "-b", "127.0.0.1:0", env=env) as (proc, _, address):
+        with connect(address) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.8 192.0.2.1 5556 80\r\nho\n")
+            assert client.recv(100).endswith(b"HO\n" if target == "app:EchoServer" else b"ho\n")
+        proc.send_signal(signal.SIGTERM)
+
+
+def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "netserve", *args],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nothere:Echo"], "no module named 'nothere'"),
+        (["app:Nope"], "'app' has no attribute 'Nope'"),
+        (["app"], "is not MODULE:ATTR"),
+        (["app:not_servable"], "is neither a request handler class"),
+        (["app:Echo", "--model", "sync", "--threads", "4"], "--threads is for --model pool"),
+        (["app:Echo", "--bogus"], "unrecognized arguments: --bogus"),
+        (["app:Echo", "--model", "nope"], "invalid choice: 'nope'"),
+        (["app:Echo", "-b", "127.0.0.1:99999"], "between 0 and 65535"),
+        (["app:Echo", "--umask", "9z"], "is not an octal number"),
+        (["app:Echo", "--proxy-protocol", "v1"], "needs --proxy-trusted"),
+        (["app:Echo", "--proxy-trusted", "10.0.0.0/8"], "is for --proxy-protocol"),
+        (["app:Echo", "--proxy-protocol", "v3", "--proxy-trusted", "::1"], "invalid choice"),
+        (
+            ["app:Echo", "-b", "127.0.0.1:0", "--proxy-protocol", "v2", "--proxy-trusted", "x"],
+            "'x' is not an address",
+        ),
+        (
+            ["app:factory", "--proxy-protocol", "v2", "--proxy-trusted", "127.0.0.1"],
+            "not a factory",
+        ),
+    ],
+)
+def test_a_mistake_is_one_line_and_status_2(app_dir: Path, args: list[str], message: str) -> None:
+    result = run(app_dir, *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_address_in_use_is_one_line_and_status_2(app_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run(app_dir, "app:Echo", "-b", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert result.stderr == f"netserve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_an_import_error_shows_the_users_traceback(app_dir: Path) -> None:
+    result = run(app_dir, "broken:Handler")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "netserve: importing 'broken' failed: RuntimeError: boom at import"
+    assert lines[1] == "Traceback (most recent call last):"
+    assert "broken.py" in lines[2]
+    assert "netserve" not in "\n".join(lines[1:-1])  # only the user's frames
+    assert lines[-1] == "RuntimeError: boom at import"
+
+
+def test_check_imports_and_validates_then_exits(app_dir: Path) -> None:
+    result = run(app_dir, "app:Echo", "--check", "--model", "threading")
+    assert result.returncode == 0
+    assert result.stdout == "netserve: app:Echo is servable with the threading model\n"
+    assert run(app_dir, "--version").stdout.startswith("netserve ")
+
+
+def test_pid_file_is_written_and_removed(app_dir: Path) -> None:
+    pidfile = app_dir / "netserve.pid"
+    with serving(app_dir, "app:Echo", "-b", "127.0.0.1:0", "--pid", str(pidfile)) as (
+        proc,
+        _,
+        _address,
+    ):
+        assert pidfile.read_text() == f"{proc.pid}\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert not pidfile.exists()
+
+
+def test_served_from_an_inherited_descriptor(app_dir: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        fd = listener.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netserve", "app:Echo", "-b", f"fd://{fd}"],
+            cwd=app_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=[fd],
+        )
+        try:
+            assert BANNER.match(_read_line(proc, 20))
+            with connect(listener.getsockname()) as client:
+                client.sendall(b"fd\n")
+                assert client.recv(100) == b"FD\n"
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+
+
+def test_a_stale_unix_file_is_replaced_and_abstract_names_work(app_dir: Path) -> None:
+    path = str(app_dir / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # as a killed server leaves it: bound, nothing accepts
+    stale.close()
+    with serving(app_dir, "app:Echo", "-b", f"unix:{path}") as (proc, _, address):
+        assert address == path
+        with connect(path, socket.AF_UNIX) as client:
+            client.sendall(b"s\n")
+            assert client.recv(100) == b"S\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert not os.path.exists(path)  # removed as the command stopped
+    name = f"netserve-cli-{os.getpid()}"
+    with serving(app_dir, "app:Echo", "-b", f"unix:@{name}") as (proc, _, address):
+        assert address == f"@{name}"
+        with connect("\0" + name, socket.AF_UNIX) as client:
+            client.sendall(b"a\n")
+            assert client.recv(100) == b"A\n"
+        proc.send_signal(signal.SIGTERM)
