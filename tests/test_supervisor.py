@@ -30,7 +30,7 @@ import pytest
 import netserve
 
 SCRIPT = r"""
-import json, logging, os, socket, sys, time
+import json, logging, os, socket, socketserver, sys, time
 import netserve
 
 cfg = json.loads(sys.argv[1])
@@ -56,10 +56,36 @@ class Echo(netserve.StreamRequestHandler):
             self.wfile.flush()
 
 
+class StdlibEcho(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"%d " % os.getpid() + line)
+
+
+def stdlib_server(sock):
+    # A server netserve did not make: the supervisor needs only serve_forever(),
+    # service_actions(), shutdown() and server_close().
+    server = socketserver.ThreadingTCPServer(
+        sock.getsockname(), StdlibEcho, bind_and_activate=False
+    )
+    server.socket.close()
+    server.socket = sock
+    return server
+
+
 def make_server(sockets):
+    if cfg["model"] == "stdlib":
+        return stdlib_server(sockets[0])
     if cfg.get("fail") or os.path.exists(cfg.get("fail_if", "/nonexistent")):
         raise RuntimeError("boom from make_server")
-    return netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
+    server = netserve.server_from_socket(MODELS[cfg["model"]], sockets[0], Echo)
+    if cfg.get("loop_fails"):
+
+        def serve_forever(poll_interval):
+            raise RuntimeError("boom from serve_forever")
+
+        server.serve_forever = serve_forever
+    return server
 
 
 def say(text):
@@ -296,7 +322,7 @@ def test_int_is_a_fast_stop(running: Any) -> None:
     assert gone(pid)
 
 
-def test_hup_replaces_every_worker_without_a_failed_request(running: Any) -> None:
+def test_hup_twice_replaces_every_worker_without_a_failed_request(running: Any) -> None:
     sup = running(workers=2, graceful_timeout=5.0)
     old = sup.serving(2)
     answered: list[int] = []
@@ -319,20 +345,23 @@ def test_hup_replaces_every_worker_without_a_failed_request(running: Any) -> Non
 
     thread = threading.Thread(target=client)
     thread.start()
+    generations = [old]
     try:
-        sup.signal(signal.SIGHUP)
-        new = sup.serving(2)
-        # The old workers drain and exit; the client keeps asking meanwhile.
         for _ in range(2):
-            sup.expect("EXIT")
+            sup.signal(signal.SIGHUP)
+            generations.append(sup.serving(2))
+            # The old workers drain and exit; the client keeps asking meanwhile.
+            for _ in range(2):
+                sup.expect("EXIT")
     finally:
         reloaded.set()
         thread.join()
     assert failures == []
-    assert not new & old
-    assert set(answered) <= old | new
-    assert set(answered[-10:]) <= new
-    assert all(gone(pid) for pid in old)
+    first, second, third = generations
+    assert len(first | second | third) == 6  # every pid changed, twice
+    assert set(answered) <= first | second | third
+    assert set(answered[-10:]) <= third
+    assert all(gone(pid) for pid in first | second)
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
 
@@ -345,9 +374,17 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(running: Any) -> None:
     err = sup.stderr()
     assert "RuntimeError: boom from make_server" in err
     assert "failed to start" in err
-    forks = [line for line in sup.lines if line.startswith("FORK")]
+    forks = [line for line in sup.rest() if line.startswith("FORK")]
     # Backed off, one at a time after the first failure: never a fork loop.
-    assert len(forks) <= 7, forks
+    assert len(forks) == 5, forks
+
+
+def test_a_worker_whose_loop_fails_at_once_is_no_fork_loop(running: Any) -> None:
+    sup = running(workers=1, loop_fails=True)
+    assert sup.wait(20) == netserve.EXIT_WORKER_FAILED
+    assert "RuntimeError: boom from serve_forever" in sup.stderr()
+    forks = [line for line in sup.rest() if line.startswith("FORK")]
+    assert len(forks) == 5, forks
 
 
 def test_workers_exit_when_the_supervisor_is_killed(running: Any) -> None:
@@ -413,7 +450,7 @@ def test_ttin_ttou_and_usr1(running: Any) -> None:
     assert sup.wait() == 0
 
 
-@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green"])
+@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool", "green", "stdlib"])
 def test_every_model_serves_and_drains(running: Any, model: str) -> None:
     sup = running(workers=2, model=model)
     pids = sup.serving(2)
@@ -448,7 +485,7 @@ def test_hup_with_code_that_fails_keeps_the_old_workers(running: Any, tmp_path: 
     assert not new & old
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
-    forks = [line for line in sup.lines if line.startswith("FORK")]
+    forks = [line for line in [*sup.lines, *sup.rest()] if line.startswith("FORK")]
     assert len(forks) == 6
 
 
@@ -478,3 +515,23 @@ def test_systemd_notifications(running: Any) -> None:
         sup.signal(signal.SIGTERM)
         until("STOPPING=1")
         assert sup.wait() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    # utime and stime, fields 14 and 15 of proc(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_supervisor_and_its_workers_sleep(running: Any) -> None:
+    sup = running(workers=2, timeout=0.4)
+    pids = sup.serving(2)
+    before = {pid: _cpu_seconds(pid) for pid in {sup.proc.pid, *pids}}
+    # Nothing to wait for: the point is to let time pass (heartbeats every 0.1 s).
+    time.sleep(1.5)
+    used = {pid: _cpu_seconds(pid) - spent for pid, spent in before.items()}
+    assert all(seconds < 0.3 for seconds in used.values()), used
+    assert ask(sup.port) in pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0

@@ -26,7 +26,8 @@ Rules:
    workers of the current generation (and, during a reload, of the new one);
    a worker told to drain ("retiring") no longer counts, and its replacement
    starts at once.
-2. A worker that exits before it said ``R`` failed at start-up. The next one
+2. A worker that exits before it said ``R`` (or within ``_EARLY_EXIT`` of it)
+   failed at start-up. The next one
    starts after a back-off (0.1 s doubling, at most ``_BACKOFF_MAX``), one at
    a time. After ``_BOOT_TRIES`` such failures in a row with no worker
    serving, ``run()`` gives up with ``EXIT_WORKER_FAILED``; the worker printed
@@ -113,6 +114,13 @@ _RETIRING = b"D"
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 3.2
 _BOOT_TRIES = 5
+# A worker that dies this soon after it said it serves counts as failing to
+# start: one whose serving loop fails at once must not become a fork loop.
+_EARLY_EXIT = 1.0
+
+# The stdlib's default poll_interval, for servers netserve did not make: a
+# stop waits that long for their loop to look at its flag.
+_FOREIGN_POLL = 0.5
 
 # Messages on a worker's own wake-up pipe, besides signal numbers (1..64).
 _LOOP_ENDED = 0xFF
@@ -180,6 +188,7 @@ class _Worker:
         "pid",
         "pipe",
         "ready",
+        "ready_at",
         "retiring",
     )
 
@@ -189,6 +198,7 @@ class _Worker:
         self.pipe = pipe  # the read end of its status pipe; -1 once closed
         self.generation = generation
         self.ready = False
+        self.ready_at = 0.0
         self.retiring = False  # told to drain or stop: no longer counts (rule 1)
         self.last_seen = now
         self.kill_at: float | None = None  # SIGKILL due then
@@ -395,9 +405,11 @@ class Supervisor:
     def _heard(self, worker: _Worker, data: bytes) -> None:
         now = time.monotonic()
         worker.last_seen = now
+        if self._boot_failures and worker.ready and now - worker.ready_at >= _EARLY_EXIT:
+            self._boot_failures = 0  # one serves: replacements start at once again
         if _READY in data and not worker.ready:
             worker.ready = True
-            self._boot_failures = 0
+            worker.ready_at = now
             log.info("worker %d (pid %d) serving", worker.id, worker.pid)
             if worker.generation == self._pending:
                 self._reload_progress(now)
@@ -458,7 +470,9 @@ class Supervisor:
         if self._stopping or worker.retiring:
             log.info("worker %d (pid %d) exited with %s", worker.id, worker.pid, how)
             return
-        if worker.ready:
+        # SIGKILL comes from outside (an operator, the OOM killer); any other
+        # early end is the worker's own doing, again and again if it is a bug.
+        if worker.ready and (now - worker.ready_at >= _EARLY_EXIT or code == -signal.SIGKILL):
             log.warning(
                 "worker %d (pid %d) exited with %s; replacing it", worker.id, worker.pid, how
             )
@@ -807,8 +821,12 @@ class _WorkerProcess:
         return total
 
     def _serve(self, server: Any) -> None:
+        interval = self.interval
+        if not hasattr(server, "_netserve_call_in_loop"):
+            # Not netserve's: its shutdown() waits up to a poll_interval.
+            interval = min(interval, _FOREIGN_POLL)
         try:
-            server.serve_forever(poll_interval=self.interval)
+            server.serve_forever(poll_interval=interval)
         except BaseException:
             traceback.print_exc()
         finally:
