@@ -420,7 +420,7 @@ def _serve_target(args: argparse.Namespace) -> int:
             max_requests_jitter=args.max_requests_jitter,
             import_fresh=None if args.preload else fresh_maker,
             notifier=SystemdNotifier(unset_environment=True),
-            watchdog_interval=systemd_watchdog_interval(),
+            watchdog_interval=systemd_watchdog_interval(unset_environment=True),
         )
     except BaseException:
         for sock in sockets:
