@@ -682,17 +682,24 @@ class Supervisor:
         self._next_id += 1
         jitter = random.randint(0, self.max_requests_jitter) if self.max_requests else 0
         r, w = os.pipe()
+        # The worker's signals wait from before the fork until the worker has
+        # its own handlers (it unblocks them then): a TERM in between would
+        # otherwise reach the supervisor's handler in the child and be lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
         try:
             pid = os.fork()
         except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(r)
             os.close(w)
             raise
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:
             code = 1
             try:
                 os.close(r)
-                code = _WorkerProcess(self, worker_id, w, jitter).run()
+                code = _WorkerProcess(self, worker_id, w, jitter, mask).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -733,7 +740,15 @@ class Supervisor:
 class _WorkerProcess:
     """One worker, in its own process: build the server, serve, stop when told."""
 
-    def __init__(self, supervisor: Supervisor, worker_id: int, status: int, jitter: int) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        worker_id: int,
+        status: int,
+        jitter: int,
+        mask: set[int | signal.Signals],
+    ) -> None:
+        self.mask = mask  # the signal mask to restore once the handlers are set
         self.sup = supervisor
         self.id = worker_id
         self.status = status
@@ -753,6 +768,7 @@ class _WorkerProcess:
         signal.set_wakeup_fd(self.ctl_w, warn_on_full_buffer=False)
         for signum in _WORKER_SIGNALS:
             signal.signal(signum, _wake_only)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         try:
             for sock in sup.sockets:
                 # O_NONBLOCK belongs to the listener's open file description,
