@@ -15,7 +15,6 @@ import socket
 from typing import Any, TypeVar
 
 from netserve._errors import UnusableSocketError
-from netserve._limits import TimedAccept
 from netserve._servers import TCPServer
 
 __all__ = ["server_from_socket"]
@@ -23,7 +22,6 @@ __all__ = ["server_from_socket"]
 _Server = TypeVar("_Server", bound=TCPServer)
 
 _IP = frozenset({socket.AF_INET, socket.AF_INET6})
-_NO_TIMEOUTS = (None, None, None, None)
 
 
 def server_from_socket(server_class: type[_Server], sock: socket.socket, handler: Any) -> _Server:
@@ -67,7 +65,10 @@ def server_from_socket(server_class: type[_Server], sock: socket.socket, handler
         if family != wanted_family:
             server.address_family = family
         if kind == socket.SOCK_STREAM:
-            _arm_timeouts(server, sock)
+            # Unlike a fresh listener, this one may already hold connections,
+            # as many as its backlog, which the kernel caps at somaxconn: that
+            # many are checked as they are accepted (see _limits.TimedAccept).
+            server._netserve_arm_listener(_somaxconn())
     except BaseException:
         # Hand the socket back unclosed, and release what the server made.
         if server.socket is sock:
@@ -75,21 +76,6 @@ def server_from_socket(server_class: type[_Server], sock: socket.socket, handler
         server.server_close()
         raise
     return server
-
-
-def _arm_timeouts(server: TCPServer, sock: socket.socket) -> None:
-    """Give the listener the limits' kernel time-outs, as server_activate() would.
-
-    Unlike a fresh listener, this one may already hold connections, as many as
-    its backlog, which the kernel caps at ``net.core.somaxconn``: that many are
-    checked one by one as they are accepted (see ``_limits.TimedAccept``).
-    """
-    timeouts = server._netserve_timeouts()
-    if timeouts == _NO_TIMEOUTS:
-        return
-    timed = TimedAccept()
-    timed.arm(sock, timeouts, _somaxconn())
-    server._netserve_timed_accept = timed
 
 
 def _somaxconn() -> int:

@@ -32,7 +32,6 @@ Accepting runs the one accept routine (``_accept``) on the hub's thread.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from netserve._errors import MissingExtraError
 from netserve._greensocket import GreenSocket
-from netserve._log import RateLimitedLog, get_logger
+from netserve._log import get_logger
 from netserve._loop import drain
 from netserve._servers import TCPServer, UDPServer
 from netserve._stages import Connection, check_deadline, has_input
@@ -363,17 +362,7 @@ class GreenMixIn(_MixInBase):
             # counts a connection out below the limit.
             self._netserve_watching = False
             self._green_hub.unwatch(self._green_listener_fd)
-            self._green_limit_log().event(
-                "accepting paused: %d connections open (max_connections)", limit
-            )
-
-    def _green_limit_log(self) -> RateLimitedLog:
-        logged: RateLimitedLog | None = vars(self).get("_netserve_limit_log")
-        if logged is None:
-            logged = self._netserve_limit_log = RateLimitedLog(
-                limits_log, logging.INFO, clock=self._netserve_table.clock
-            )
-        return logged
+            self._netserve_paused_at_limit(limit)
 
     def _green_below_limit(self) -> None:
         # Called once by the table, from the thread that counted a connection

@@ -348,13 +348,24 @@ class BaseServer:
             return True
         if not table.pause_at_limit(limit, self._netserve_stop.wake):
             return True
-        limited: RateLimitedLog | None = vars(self).get("_netserve_limit_log")
-        if limited is None:
-            limited = self._netserve_limit_log = RateLimitedLog(
-                _limits_log, logging.INFO, clock=table.clock
-            )
-        limited.event("accepting paused: %d connections open (max_connections)", limit)
+        self._netserve_paused_at_limit(limit)
         return False
+
+    def _netserve_paused_at_limit(self, limit: int) -> None:
+        """Say that accepting paused at ``max_connections`` (every model)."""
+        self._netserve_rate_limited("limit", _limits_log, logging.INFO).event(
+            "accepting paused: %d connections open (max_connections)", limit
+        )
+
+    def _netserve_rate_limited(
+        self, kind: str, logger: logging.Logger, level: int
+    ) -> RateLimitedLog:
+        """This server's rate-limited log of one kind of event, made on first use."""
+        logs: dict[str, RateLimitedLog] = vars(self).setdefault("_netserve_logs", {})
+        logged = logs.get(kind)
+        if logged is None:
+            logged = logs[kind] = RateLimitedLog(logger, level, clock=self._netserve_table.clock)
+        return logged
 
     def _netserve_timeouts(self) -> Timeouts:
         """(park, idle, write, age) for a new connection's socket (see _limits)."""
@@ -654,12 +665,7 @@ class BaseServer:
         model whose thread carries on (pool, hub): reported as a request thread
         reports it, through ``threading.excepthook``, counted, and logged."""
         self._netserve_table.error()
-        escaped: RateLimitedLog | None = vars(self).get("_netserve_escaped_log")
-        if escaped is None:
-            escaped = self._netserve_escaped_log = RateLimitedLog(
-                logger, logging.WARNING, clock=self._netserve_table.clock
-            )
-        escaped.event(
+        self._netserve_rate_limited("escaped", logger, logging.WARNING).event(
             "a handler raised %s; reported through threading.excepthook, serving goes on",
             type(exc).__name__,
         )
@@ -788,12 +794,17 @@ class TCPServer(BaseServer):
 
     def server_activate(self) -> None:
         """Start listening with ``request_queue_size``."""
+        # Before listen(): every connection then inherits them (see _limits).
+        self._netserve_arm_listener(0)
+        self.socket.listen(self.request_queue_size)
+
+    def _netserve_arm_listener(self, backlog: int) -> None:
+        """Give the listener the kernel time-outs its connections inherit;
+        ``backlog``: how many connections may already wait on it."""
         timeouts = self._netserve_timeouts()
         if timeouts != _NO_TIMEOUTS:
-            # Before listen(): every connection then inherits them (see _limits).
             self._netserve_timed_accept = TimedAccept()
-            self._netserve_timed_accept.arm(self.socket, timeouts, 0)
-        self.socket.listen(self.request_queue_size)
+            self._netserve_timed_accept.arm(self.socket, timeouts, backlog)
 
     def server_close(self) -> None:
         """Close the listening socket (and, with ``unix_remove_on_close``, its file)."""
@@ -875,7 +886,7 @@ class UDPServer(TCPServer):
         data, _, flags, client_address = self.socket.recvmsg(self.max_packet_size, 0, _DONTWAIT)
         if flags & _TRUNCATED:
             self._netserve_table.shed()
-            self._netserve_oversized_log().event(
+            self._netserve_rate_limited("oversized", _limits_log, logging.WARNING).event(
                 "dropped a datagram from %s longer than max_packet_size (%d bytes)",
                 client_address,
                 self.max_packet_size,
@@ -883,14 +894,6 @@ class UDPServer(TCPServer):
             # Nothing to hand over: to the accept routine, "nothing to take".
             raise BlockingIOError(errno.EAGAIN, "an oversized datagram was dropped")
         return (data, self.socket), client_address
-
-    def _netserve_oversized_log(self) -> RateLimitedLog:
-        logged: RateLimitedLog | None = vars(self).get("_netserve_oversized")
-        if logged is None:
-            logged = self._netserve_oversized = RateLimitedLog(
-                _limits_log, logging.WARNING, clock=self._netserve_table.clock
-            )
-        return logged
 
     def shutdown_request(self, request: _Request) -> None:
         """Nothing to half-close: the socket is the server's."""

@@ -126,16 +126,6 @@ _FOREIGN_POLL = 0.5
 _LOOP_ENDED = 0xFF
 _MAX_REQUESTS = 0xFE
 
-_SUPERVISOR_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-)
 _WORKER_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -145,6 +135,8 @@ _WORKER_SIGNALS = (
     signal.SIGTTOU,
     signal.SIGUSR1,
 )
+# The supervisor also wakes when a worker exits.
+_SUPERVISOR_SIGNALS = (*_WORKER_SIGNALS, signal.SIGCHLD)
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
