@@ -384,3 +384,52 @@ def test_a_waiting_request_always_gets_a_worker() -> None:
                 server.resume.set()
                 for client in persistent:
                     client.close()
+
+
+def test_a_connection_that_spoke_while_parked_is_not_overtaken() -> None:
+    # A parked connection that has spoken waits for a worker; one accepted with
+    # its bytes already there must queue behind it. The loop is held while a new
+    # connection arrives before the parked one speaks (so the listener is ready
+    # first) and then speaks itself: the parked one must still be served first.
+    # (Before: the new one went straight to the queue, and under steady load the
+    # parked ones could wait for as long as new ones came.)
+    served: list[bytes] = []
+
+    class Recording(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            served.append(self.rfile.readline().strip())
+            self.wfile.write(b"ok\n")
+
+    class Server(netserve.ThreadPoolTCPServer):
+        max_workers = 1
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.held = threading.Event()
+            self.resume = threading.Event()
+            super().__init__(*args, **kwargs)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            super().process_request(request, client_address)
+            if not self.held.is_set():  # the first connection, just parked
+                self.held.set()
+                assert self.resume.wait(10)
+
+    server = Server(("127.0.0.1", 0), Recording)
+    with Serving(server) as serving:
+        early = connect(serving.address)
+        late: socket.socket | None = None
+        try:
+            assert server.held.wait(10)
+            assert server.statistics().parked == 1
+            late = connect(serving.address)  # the listener is ready first
+            early.sendall(b"early\n")
+            late.sendall(b"late\n")
+            server.resume.set()
+            assert recv_all(early) == b"ok\n"
+            assert recv_all(late) == b"ok\n"
+        finally:
+            server.resume.set()
+            early.close()
+            if late is not None:
+                late.close()
+    assert served == [b"early", b"late"]

@@ -297,6 +297,8 @@ class ThreadPoolMixIn(_MixInBase):
         # their first byte (watched only while the queue has room), and those
         # in their stages (always watched: a stage needs no worker).
         self._netserve_park_sets: tuple[select.epoll, select.epoll] | None = None
+        # Polls the first set itself: whether some parked connection has spoken.
+        self._netserve_spoken_probe: select.poll | None = None
         # Connections whose stages are done, waiting for room in the queue.
         self._netserve_staged: collections.deque[_Job] = collections.deque()
         # Requests that found the queue full after all (another thread queued
@@ -351,17 +353,35 @@ class ThreadPoolMixIn(_MixInBase):
         )
         if stages or (self.park_until_readable and _is_stream(request) and not has_input(request)):
             self._netserve_park(request, client_address, stages)
-        elif not pool.offer((request, client_address, None)):
-            # The queue filled during this batch of accepts: the connection has
-            # spoken, so the parked set hands it over as soon as there is room.
+        elif self._netserve_spoken_waiting() or not pool.offer((request, client_address, None)):
+            # Parked connections spoke before this one, or the queue filled
+            # during this batch of accepts: the parked set hands it over in its
+            # turn (epoll's ready list is in order of readiness), as there is room.
             self._netserve_park(request, client_address, stages)
+
+    def _netserve_spoken_waiting(self) -> bool:
+        """Whether a parked connection has spoken and waits for a worker.
+
+        A connection accepted with its bytes already there must not overtake it:
+        one accepted while the loop had room for both went first, and under
+        steady load the parked ones could wait for as long as new ones came.
+        Polling the set's own descriptor leaves its ready list in order (taking
+        events from it would move each one taken to the back)."""
+        probe = self._netserve_spoken_probe
+        return bool(self._netserve_parked) and probe is not None and bool(probe.poll(0))
+
+    def _netserve_park_sets_made(self) -> tuple[select.epoll, select.epoll]:
+        sets = self._netserve_park_sets
+        if sets is None:
+            sets = self._netserve_park_sets = (select.epoll(), select.epoll())
+            self._netserve_spoken_probe = select.poll()
+            self._netserve_spoken_probe.register(sets[0], select.POLLIN)
+        return sets
 
     def _netserve_park(
         self, request: socket.socket, client_address: Any, stages: list[Stage]
     ) -> None:
-        sets = self._netserve_park_sets
-        if sets is None:
-            sets = self._netserve_park_sets = (select.epoll(), select.epoll())
+        sets = self._netserve_park_sets_made()
         if stages:
             deadline = self._netserve_stage_deadline()
         elif self.park_timeout is not None:
@@ -421,10 +441,8 @@ class ThreadPoolMixIn(_MixInBase):
     def _netserve_loop_started(self, selector: selectors.BaseSelector) -> None:
         self._netserve_selector_now = selector
         self._netserve_park_watched = False
-        if self._netserve_park_sets is None:
-            self._netserve_park_sets = (select.epoll(), select.epoll())
         # Stages go on whether or not a worker is free: always watched.
-        selector.register(self._netserve_park_sets[1], selectors.EVENT_READ, _STAGING)
+        selector.register(self._netserve_park_sets_made()[1], selectors.EVENT_READ, _STAGING)
 
     def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
         # Parked connections stay parked; the next loop watches them again.
@@ -568,6 +586,7 @@ class ThreadPoolMixIn(_MixInBase):
             for park_set in self._netserve_park_sets:
                 park_set.close()
             self._netserve_park_sets = None
+            self._netserve_spoken_probe = None
 
     def abort_connections(self) -> None:
         """Close the requests still queued, and shut down those in progress."""
