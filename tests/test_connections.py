@@ -191,6 +191,7 @@ def test_table_counts_accepted_as_every_exit_plus_the_active() -> None:
         "lines_too_long": 0,
         "limited": 0,
         "active": 1,
+        "timeouts_by_kind": {"park_timeout": 1},
     }
     table.finish_detached(HANDLED)
     assert table.wait_idle(0)

@@ -73,6 +73,7 @@ def test_idle_timeout_raises_connection_timeout_where_the_handler_waits() -> Non
     assert server.reported == []
     stats = server.statistics()
     assert (stats.timeouts, stats.handled, stats.errors) == (1, 0, 0)
+    assert stats.timeouts_by_kind == {"idle_timeout": 1}
 
 
 def test_the_park_timeout_bounds_the_first_read_then_the_idle_timeout_the_others() -> None:
@@ -108,6 +109,7 @@ def test_a_parked_connection_that_never_speaks_is_closed_by_the_park_timeout() -
         assert server.wait_closed(5)
         stats = server.statistics()
         assert (stats.timeouts, stats.handled, stats.active, stats.parked) == (1, 0, 0, 0)
+        assert stats.timeouts_by_kind == {"park_timeout": 1}
 
 
 def test_write_timeout_ends_a_reply_the_peer_never_reads() -> None:

@@ -71,6 +71,7 @@ def test_idle_timeout_raises_connection_timeout_where_the_handler_waits(model: s
     assert server.seen == [(netserve.ConnectionTimeout, "idle_timeout")]
     assert server.reported == []  # never handle_error()
     assert (stats.timeouts, stats.handled, stats.errors, stats.active) == (1, 0, 0, 0)
+    assert stats.timeouts_by_kind == {"idle_timeout": 1}
     server.server_close()
 
 
@@ -80,7 +81,7 @@ def test_park_timeout_reaches_the_handler_of_a_connection_that_never_spoke() -> 
         assert recv_all(client) == b""
     assert server.seen == [(netserve.ConnectionTimeout, "park_timeout")]
     assert server.reported == []
-    assert server.statistics().timeouts == 1
+    assert server.statistics().timeouts_by_kind == {"park_timeout": 1}
     server.server_close()
 
 
@@ -91,6 +92,7 @@ def test_pool_closes_a_parked_connection_without_taking_a_worker() -> None:
     stats = server.statistics()
     assert server.seen == []  # no handler ran
     assert (stats.timeouts, stats.park_timeouts, stats.handled) == (1, 1, 0)
+    assert stats.timeouts_by_kind == {"park_timeout": 1}
     server.server_close()
 
 
@@ -143,7 +145,7 @@ def test_write_timeout_ends_a_reply_to_a_peer_that_does_not_read(model: str) -> 
     assert server.seen == [(netserve.ConnectionTimeout, "write_timeout")]
     assert server.reported == []
     server.server_close()
-    assert server.statistics().timeouts == 1
+    assert server.statistics().timeouts_by_kind == {"write_timeout": 1}
 
 
 class UserTimeout(EchoThenWait):
@@ -180,7 +182,7 @@ def test_max_connection_age_ends_a_client_that_keeps_trickling(model: str) -> No
             threading.Event().wait(0.1)
     assert closed.is_set()
     assert server.seen == [(netserve.ConnectionTimeout, "max_connection_age")]
-    assert server.statistics().timeouts == 1
+    assert server.statistics().timeouts_by_kind == {"max_connection_age": 1}
     server.server_close()
 
 
@@ -417,6 +419,8 @@ def test_forking_counts_a_child_that_timed_out() -> None:
         assert server.wait_closed(10)
     stats = server.statistics()
     assert (stats.timeouts, stats.handled, stats.active) == (1, 0, 0)
+    # The kind came through the child's exit status.
+    assert stats.timeouts_by_kind == {"idle_timeout": 1}
     server.server_close()
 
 

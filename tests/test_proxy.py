@@ -430,3 +430,4 @@ def test_a_header_that_never_completes_ends_at_the_stage_deadline(model: str) ->
     server.server_close()
     stats = server.statistics()
     assert (stats.timeouts, stats.stage_failures, stats.handled, stats.errors) == (1, 0, 0, 0)
+    assert stats.timeouts_by_kind == {"stage_timeout": 1}

@@ -35,8 +35,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -46,9 +46,12 @@ __all__ = [
     "LINE_TOO_LONG",
     "STAGE_FAILED",
     "TIMED_OUT",
+    "TIMEOUT_KINDS",
     "ConnectionTable",
     "ServerStatistics",
     "client_host",
+    "outcome_base",
+    "timed_out",
 ]
 
 # How a request ended, as the request runner reports it (and a forking child's
@@ -61,9 +64,45 @@ DISCONNECTED = 8
 LINE_TOO_LONG = 16
 
 
+# A time-out's kind rides in its outcome's high bits (TIMED_OUT | index << 5),
+# so that it reaches the counters from every model, a forked child's exit
+# status (at most 255) included: the setting that ran out, by index; "" when
+# not known. They are counted apart in ``ServerStatistics.timeouts_by_kind``.
+TIMEOUT_KINDS = (
+    "",
+    "stage_timeout",
+    "park_timeout",
+    "idle_timeout",
+    "write_timeout",
+    "max_connection_age",
+)
+_KIND_SHIFT = 5
+_BASE = 7
+
+
+def timed_out(setting: str | None) -> int:
+    """The outcome of a connection ended by the time-out ``setting`` (the
+    attribute's name, as ``ConnectionTimeout.setting`` gives it)."""
+    try:
+        kind = TIMEOUT_KINDS.index(setting or "")
+    except ValueError:
+        kind = 0
+    return TIMED_OUT | kind << _KIND_SHIFT
+
+
+_STAGE_TIMED_OUT = timed_out("stage_timeout")
+_PARK_TIMED_OUT = timed_out("park_timeout")
+
+
+def outcome_base(outcome: int) -> int:
+    """HANDLED, FAILED, STAGE_FAILED or TIMED_OUT, without flags or kind."""
+    return outcome & _BASE
+
+
 # The exit statuses a forked child's runner reports.
 _CHILD_OUTCOMES = frozenset(
-    {HANDLED, FAILED, STAGE_FAILED, TIMED_OUT}
+    {HANDLED, FAILED, STAGE_FAILED}
+    | {TIMED_OUT | kind << _KIND_SHIFT for kind in range(len(TIMEOUT_KINDS))}
     | {base | flag for base in (HANDLED, FAILED) for flag in (DISCONNECTED, LINE_TOO_LONG)}
 )
 
@@ -120,6 +159,9 @@ class ServerStatistics:
     accepting: bool = False
     #: Whether accepting is paused now because ``max_connections`` are open.
     at_limit: bool = False
+    #: ``timeouts`` by the setting that ran out (``"idle_timeout"`` ...; ``""``
+    #: when not known): only the kinds seen so far.
+    timeouts_by_kind: Mapping[str, int] = field(default_factory=dict)
 
 
 class ConnectionTable:
@@ -145,6 +187,7 @@ class ConnectionTable:
         "refused",
         "stage_failures",
         "timeouts",
+        "timeouts_by_kind",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -159,6 +202,7 @@ class ConnectionTable:
         self.handled = 0
         self.errors = 0
         self.timeouts = 0
+        self.timeouts_by_kind = [0] * len(TIMEOUT_KINDS)
         self.stage_failures = 0
         self.accept_errors = 0
         self.disconnects = 0
@@ -230,7 +274,7 @@ class ConnectionTable:
 
     def stage_failed(self, request: Any, *, timed_out: bool) -> None:
         """A connection's stages failed (or ran out of time) before its handler."""
-        self.finish(request, TIMED_OUT if timed_out else STAGE_FAILED)
+        self.finish(request, _STAGE_TIMED_OUT if timed_out else STAGE_FAILED)
 
     def finish_if_held(self, request: Any, *, error: bool) -> bool:
         """``finish()`` unless the request was already counted out; says which."""
@@ -244,13 +288,15 @@ class ConnectionTable:
         return True
 
     def time_out(self, request: Any) -> None:
-        """A connection without a handler was closed by a time-out."""
-        self.finish(request, TIMED_OUT)
+        """A parked connection, with no handler yet, was closed by ``park_timeout``."""
+        self.finish(request, _PARK_TIMED_OUT)
 
     def _count_locked(self, outcome: int) -> None:
-        if outcome == TIMED_OUT:
+        base = outcome & _BASE
+        if base == TIMED_OUT:
             self.timeouts += 1
-        elif outcome == STAGE_FAILED:
+            self.timeouts_by_kind[outcome >> _KIND_SHIFT] += 1
+        elif base == STAGE_FAILED:
             self.stage_failures += 1
         else:
             self.handled += 1
@@ -376,12 +422,14 @@ class ConnectionTable:
     def _ended(self) -> int:
         return self.handled + self.refused + self.timeouts + self.stage_failures
 
-    def counters(self) -> dict[str, int]:
-        """The counters, read together."""
+    def counters(self) -> dict[str, Any]:
+        """The counters, read together (``ServerStatistics``' names)."""
         with self._lock:
             # An accept adds to the live set without the lock: read it once.
             active = self.active
+            by_kind = zip(TIMEOUT_KINDS, self.timeouts_by_kind, strict=True)
             return {
+                "timeouts_by_kind": {kind: count for kind, count in by_kind if count},
                 "accepted": self._ended() + active,
                 "refused": self.refused,
                 "handled": self.handled,

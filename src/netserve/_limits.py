@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from netserve._connections import DISCONNECTED, FAILED, LINE_TOO_LONG, TIMED_OUT
+from netserve._connections import DISCONNECTED, FAILED, LINE_TOO_LONG, timed_out
 from netserve._errors import ConnectionTimeout, LineTooLong
 from netserve._handlers import _SendallWriter
 
@@ -73,11 +73,11 @@ def _timeval(seconds: float | None) -> bytes:
 
 
 def fault_of(exc: BaseException) -> int:
-    """How an exception that ended a handler counts: TIMED_OUT for netserve's
-    time-outs, DISCONNECTED or LINE_TOO_LONG for a client's fault (still a
+    """How an exception that ended a handler counts: TIMED_OUT (with its kind)
+    for netserve's time-outs, DISCONNECTED or LINE_TOO_LONG for a client's fault (still a
     FAILED request when it is reported), FAILED for anything else."""
     if isinstance(exc, ConnectionTimeout):
-        return TIMED_OUT
+        return timed_out(exc.setting)
     if isinstance(exc, _DISCONNECTS):
         return DISCONNECTED
     if isinstance(exc, LineTooLong):

@@ -54,7 +54,9 @@ from netserve._connections import (
     TIMED_OUT,
     ConnectionTable,
     ServerStatistics,
+    outcome_base,
 )
+from netserve._connections import timed_out as timeout_outcome
 from netserve._errors import StageError
 from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
@@ -88,6 +90,8 @@ _HandlerFactory = Callable[[Any, Any, Any], "BaseRequestHandler"]
 
 _stage_log = get_logger("stages")
 _limits_log = get_logger("limits")
+# What the runner returns for a connection whose stages ran out of time.
+_STAGE_TIMED_OUT = timeout_outcome("stage_timeout")
 _drain_log = get_logger("drain")
 # After drain() ended what was left, how long it waits for it to be gone.
 _ABORT_WAIT = 5.0
@@ -606,7 +610,9 @@ class BaseServer:
         peer is not a bug in the server. Everything else is ``handle_error()``'s.
         """
         outcome = fault_of(exc)
-        if outcome != TIMED_OUT and (outcome == FAILED or self.client_faults_are_errors):
+        if outcome_base(outcome) != TIMED_OUT and (
+            outcome == FAILED or self.client_faults_are_errors
+        ):
             self.handle_error(request, client_address)
             return outcome | FAILED
         _limits_log.debug("request from %s ended: %r", client_address, exc)
@@ -643,7 +649,7 @@ class BaseServer:
             "connection from %s closed in stage %d: %r", conn.client_address, conn.stage, exc
         )
         self._netserve_close_staged(conn)
-        return TIMED_OUT if timed_out else STAGE_FAILED
+        return _STAGE_TIMED_OUT if timed_out else STAGE_FAILED
 
     def _netserve_stage_bug(self, conn: Connection) -> int:
         """A stage raised something other than a failure: a bug in the server,
