@@ -29,6 +29,7 @@ from netserve._green import (
     GreenSocket,
     GreenTCPServer,
     GreenUDPServer,
+    HubStatistics,
     green_sleep,
     to_thread,
 )
@@ -101,6 +102,7 @@ __all__ += [
     "green_sleep",
     "to_thread",
     "PoolStatistics",
+    "HubStatistics",
     "ServerStatistics",
     "ThreadPoolMixIn",
     "ThreadPoolTCPServer",

@@ -38,8 +38,10 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from netserve._connections import ServerStatistics
 from netserve._errors import MissingExtraError
 from netserve._greensocket import GreenSocket
 from netserve._log import get_logger
@@ -71,6 +73,7 @@ __all__ = [
     "GreenMixIn",
     "GreenSocket",
     "GreenTCPServer",
+    "HubStatistics",
     "GreenUDPServer",
     "green_sleep",
     "to_thread",
@@ -129,6 +132,15 @@ class _Starter:
             return
         server._green_parked.discard(self.sock)
         server._green_hub.spawn(server._green_run, self.sock, self.address)
+
+
+@dataclass(frozen=True)
+class HubStatistics(ServerStatistics):
+    """A snapshot of a hub server's state, from ``statistics()``: the counters
+    every server has (``ServerStatistics``), and the hub's own."""
+
+    #: Handler greenlets running now (each holds one request).
+    greenlets: int = 0
 
 
 class GreenMixIn(_MixInBase):
@@ -502,6 +514,11 @@ class GreenMixIn(_MixInBase):
 
     def _netserve_parked_count(self) -> int:
         return len(self._green_parked)
+
+    def statistics(self) -> HubStatistics:
+        """An immutable snapshot of the server's counters, and its greenlets."""
+        base = super().statistics()
+        return HubStatistics(**vars(base), greenlets=len(self._green_greenlets))
 
     def _netserve_stage_wait(self, conn: Connection, write: bool, deadline: float | None) -> None:
         """Wait in the connection's greenlet until its socket is ready (see _stages)."""
