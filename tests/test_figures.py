@@ -33,7 +33,8 @@ def test_counters_survive_their_worker_and_gauges_do_not() -> None:
     board = Board(slots=4)
     try:
         first, second = board.take(), board.take()
-        assert first is not None and second is not None
+        assert first is not None
+        assert second is not None
         board.writer(first).publish(figures(handled=5, active=2, **{"timeouts:idle_timeout": 1}), 1)
         board.writer(second).publish(figures(handled=7, active=3), 2)
         assert (board.totals()["handled"], board.totals()["active"]) == (12, 5)
