@@ -194,6 +194,14 @@ def _bind_arg(text: str) -> BindAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _admin_bind_arg(text: str) -> BindAddress:
+    """The admin endpoint's address: a bare port (or ``:PORT``) is loopback's,
+    so that health and metrics are not published by accident."""
+    if text.lstrip(":").isdigit():
+        text = "127.0.0.1:" + text.lstrip(":")
+    return _bind_arg(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a user's mistake as one line on stderr (exit status 2)."""
 
@@ -306,6 +314,22 @@ def _build_parser() -> _Parser:
         help="a proxy that sends the header: an address, a network or 'unix'; repeatable "
         "(NETSERVE_PROXY_TRUSTED: comma-separated)",
     )
+    parser.add_argument(
+        "--metrics-bind",
+        type=_admin_bind_arg,
+        default=_env("metrics-bind"),
+        metavar="ADDRESS",
+        help="serve /metrics, /livez and /readyz over HTTP here: [HOST:]PORT "
+        "(127.0.0.1 unless a host is given) or unix:PATH",
+    )
+    parser.add_argument(
+        "--drain-delay",
+        type=_positive(float),
+        default=float(_env("drain-delay", 0)),
+        metavar="S",
+        help="on SIGTERM, /readyz answers 503 at once and serving goes on S seconds "
+        "before the drain starts (default 0)",
+    )
     parser.add_argument("--user", default=_env("user"), help="drop to this user after binding")
     parser.add_argument("--group", default=_env("group"), help="drop to this group")
     parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
@@ -403,7 +427,10 @@ def _serve_target(args: argparse.Namespace) -> int:
         return [make(sock) for sock in sockets]
 
     sockets = _listen(args)
+    admin: socket.socket | None = None
     try:
+        if args.metrics_bind is not None:
+            admin = _open(args.metrics_bind, socket.SOCK_STREAM, reuse_port=False)
         if attributes:
             # Checked here, not first in the workers: a contradiction is the
             # user's mistake (one line, status 2), not a worker that fails.
@@ -421,12 +448,20 @@ def _serve_target(args: argparse.Namespace) -> int:
             import_fresh=None if args.preload else fresh_maker,
             notifier=SystemdNotifier(unset_environment=True),
             watchdog_interval=systemd_watchdog_interval(unset_environment=True),
+            admin_socket=admin,
+            drain_delay=args.drain_delay,
         )
     except BaseException:
         for sock in sockets:
             sock.close()
+        if admin is not None:
+            admin.close()
         raise
-    return _supervise(supervisor, sockets, args)
+    try:
+        return _supervise(supervisor, sockets, args)
+    finally:
+        if admin is not None:
+            admin.close()
 
 
 def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -550,6 +585,12 @@ def _supervise(supervisor: Supervisor, sockets: list[socket.socket], args: Any) 
             shown, hint = _address_text(sock)
             print(
                 f"netserve: serving {args.target} ({args.model} model) on {shown}   (try: {hint})",
+                flush=True,
+            )
+        if supervisor.admin_socket is not None:
+            shown, _ = _address_text(supervisor.admin_socket)
+            print(
+                f"netserve: health and metrics on {shown}: /livez /readyz /metrics",
                 flush=True,
             )
         status = supervisor.run()

@@ -26,11 +26,20 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from netserve._connections import TIMEOUT_KINDS
 
-__all__ = ["COUNTERS", "GAUGES", "PUBLISH_INTERVAL", "Board", "SlotWriter", "figures_of"]
+__all__ = [
+    "COUNTERS",
+    "GAUGES",
+    "PUBLISH_INTERVAL",
+    "Board",
+    "SlotWriter",
+    "SupervisorStatistics",
+    "figures_of",
+]
 
 #: Counters: they only grow, and survive their worker. ``timeouts:<kind>`` are
 #: ``ServerStatistics.timeouts_by_kind`` (``timeouts:`` when the kind is unknown).
@@ -72,6 +81,61 @@ _GAUGE_SOURCES = (
     ("queued", "queued"),
     ("greenlets", "greenlets"),
 )
+
+
+@dataclass(frozen=True)
+class SupervisorStatistics:
+    """A snapshot of a supervisor and its workers, from ``Supervisor.statistics()``.
+
+    The counters are ``ServerStatistics``' summed over every worker since the
+    supervisor started, those that have exited included (a worker killed
+    outright loses at most its last second's counts); the gauges are summed
+    over the workers running now.
+    """
+
+    accepted: int = 0
+    refused: int = 0
+    handled: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    stage_failures: int = 0
+    accept_errors: int = 0
+    disconnects: int = 0
+    lines_too_long: int = 0
+    limited: int = 0
+    #: ``timeouts`` by kind, as ``ServerStatistics.timeouts_by_kind``.
+    timeouts_by_kind: Mapping[str, int] = field(default_factory=dict)
+    active: int = 0
+    parked: int = 0
+    #: A pool's threads, and those busy now; requests in its queues.
+    threads: int = 0
+    busy_threads: int = 0
+    queued: int = 0
+    #: A hub's handler greenlets.
+    greenlets: int = 0
+    #: Workers serving now (those draining not counted).
+    workers: int = 0
+    #: Workers started to replace one that exited or was killed unasked.
+    worker_restarts: int = 0
+    #: Reloads (HUP) completed.
+    reloads: int = 0
+    #: Whether the instance takes new work: a worker serves and no drain began.
+    ready: bool = False
+    #: Whether the whole instance drains (TERM, or its drain delay).
+    draining: bool = False
+
+    @classmethod
+    def from_totals(cls, totals: Mapping[str, int], **state: Any) -> SupervisorStatistics:
+        """Built from ``Board.totals()`` and the supervisor's own state."""
+        plain: dict[str, Any] = {
+            name: totals[name] for name in COUNTERS + GAUGES if ":" not in name
+        }
+        by_kind = {
+            name.partition(":")[2]: count
+            for name, count in totals.items()
+            if name.startswith("timeouts:") and count
+        }
+        return cls(**plain, timeouts_by_kind=by_kind, **state)
 
 
 def figures_of(servers: Iterable[Any]) -> dict[str, int]:

@@ -90,6 +90,17 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from netserve._admin import AdminEndpoint, Response, text
+from netserve._figures import (
+    COUNTERS,
+    GAUGES,
+    PUBLISH_INTERVAL,
+    Board,
+    SlotWriter,
+    SupervisorStatistics,
+    figures_of,
+)
+from netserve._metrics import metrics_route
 from netserve._systemd import SystemdNotifier
 
 __all__ = ["EXIT_WORKER_FAILED", "Supervisor"]
@@ -182,6 +193,7 @@ class _Worker:
         "ready",
         "ready_at",
         "retiring",
+        "slot",
     )
 
     def __init__(self, worker_id: int, pid: int, pipe: int, generation: int, now: float) -> None:
@@ -195,6 +207,7 @@ class _Worker:
         self.last_seen = now
         self.kill_at: float | None = None  # SIGKILL due then
         self.killed = False
+        self.slot: int | None = None  # its figures' slot on the board (_figures)
 
 
 class Supervisor:
@@ -251,6 +264,8 @@ class Supervisor:
         import_fresh: Callable[[], object] | None = None,
         notifier: SystemdNotifier | None = None,
         watchdog_interval: float | None = None,
+        admin_socket: Any = None,
+        drain_delay: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -258,6 +273,8 @@ class Supervisor:
             raise ValueError("timeout must be positive and graceful_timeout not negative")
         if max_requests < 0 or max_requests_jitter < 0:
             raise ValueError("max_requests and max_requests_jitter cannot be negative")
+        if drain_delay < 0:
+            raise ValueError("drain_delay cannot be negative")
         self.make_server = make_server
         self.sockets = list(sockets)
         self.workers = workers
@@ -272,6 +289,8 @@ class Supervisor:
         self.import_fresh = import_fresh
         self.notifier = notifier
         self.watchdog_interval = watchdog_interval
+        self.admin_socket = admin_socket
+        self.drain_delay = drain_delay
         self._running = False
         self._reset()
 
@@ -288,10 +307,58 @@ class Supervisor:
         self._selector: selectors.BaseSelector | None = None
         self._announced = False  # READY=1 sent since the start
         self._next_watchdog = 0.0
+        self._board: Board | None = None
+        self._admin: AdminEndpoint | None = None
+        self._draining = False  # the whole instance: readiness says 503
+        self._drain_at: float | None = None  # the end of the drain delay
+        self._restarts = 0
+        self._reloads = 0
 
     def worker_pids(self) -> list[int]:
         """The pids of the workers running now (for the supervisor's own process)."""
         return sorted(self._children)
+
+    def statistics(self) -> SupervisorStatistics:
+        """The workers' figures, summed (``SupervisorStatistics``), and the
+        supervisor's own: call it in the supervisor's process, while it runs."""
+        board = self._board
+        totals = board.totals() if board is not None else dict.fromkeys(COUNTERS + GAUGES, 0)
+        serving = sum(w.ready and not w.retiring for w in self._children.values())
+        return SupervisorStatistics.from_totals(
+            totals,
+            workers=serving,
+            worker_restarts=self._restarts,
+            reloads=self._reloads,
+            ready=self._announced and not self._draining,
+            draining=self._draining,
+        )
+
+    # -- health (the admin endpoint's routes) ---------------------------------------------
+
+    def _routes(self) -> dict[str, Callable[[], Response]]:
+        return {
+            "/livez": self._liveness,
+            "/readyz": self._readiness,
+            "/metrics": metrics_route(self.statistics),
+        }
+
+    def _liveness(self) -> Response:
+        """200 while some worker reports alive (rule 3), or none runs yet."""
+        now = time.monotonic()
+        workers = self._children.values()
+        if not workers or any(now - w.last_seen < self.timeout for w in workers):
+            return text(200, "alive\n")
+        return text(503, f"no worker has reported for {self.timeout:g} s\n")
+
+    def _readiness(self) -> Response:
+        """200 from the first generation's start until the instance drains; a
+        reload or a worker recycled by max_requests changes nothing (the
+        listeners stay open: a connection waits in the backlog meanwhile)."""
+        if self._draining:
+            return text(503, "draining\n")
+        if not self._announced:
+            return text(503, "starting\n")
+        return text(200, "ready\n")
 
     # -- the supervisor ------------------------------------------------------------------
 
@@ -311,6 +378,10 @@ class Supervisor:
             self._alive_r, self._alive_w = os.pipe()
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            self._board = Board()
+            if self.admin_socket is not None:
+                self._admin = AdminEndpoint(self.admin_socket, self._routes())
+                self._admin.attach(self._selector)
             saved_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             for signum in _SUPERVISOR_SIGNALS:
                 saved[signum] = signal.signal(signum, _wake_only)
@@ -332,6 +403,10 @@ class Supervisor:
                 signal.signal(number, handler)
             if saved:
                 signal.set_wakeup_fd(saved_wakeup)
+            if self._admin is not None and self._selector is not None:
+                self._admin.detach(self._selector)
+            if self._board is not None:
+                self._board.close()
             if self._selector is not None:
                 self._selector.close()
             for worker in self._children.values():
@@ -352,8 +427,12 @@ class Supervisor:
             for key, _ in self._selector.select(wait):
                 if key.data is None:
                     self._read_signals()
-                else:
+                elif isinstance(key.data, _Worker):
                     self._read_worker(key.data)
+                else:  # the admin endpoint's
+                    key.data(self._selector, key)
+            if self._admin is not None:
+                self._admin.expire(self._selector)
             self._reap()
             now = time.monotonic()
             self._check_deadlines(now)
@@ -370,7 +449,7 @@ class Supervisor:
             return
         for signum in data:
             if signum == signal.SIGTERM:
-                self._stop(graceful=True)
+                self._graceful_stop()
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self._stop(graceful=False)
             elif signum == signal.SIGHUP:
@@ -443,6 +522,8 @@ class Supervisor:
                 self._heard(worker, data)
             self._close_pipe(worker)
             del self._children[pid]
+            if worker.slot is not None and self._board is not None:
+                self._board.release(worker.slot)
             self._exited(worker, os.waitstatus_to_exitcode(status))
 
     def _exited(self, worker: _Worker, code: int) -> None:
@@ -462,6 +543,7 @@ class Supervisor:
         if self._stopping or worker.retiring:
             log.info("worker %d (pid %d) exited with %s", worker.id, worker.pid, how)
             return
+        self._restarts += 1  # it is replaced, at once or after a back-off
         # SIGKILL comes from outside (an operator, the OOM killer); any other
         # early end is the worker's own doing, again and again if it is a bug.
         if worker.ready and (now - worker.ready_at >= _EARLY_EXIT or code == -signal.SIGKILL):
@@ -506,9 +588,16 @@ class Supervisor:
                 deadlines.append(worker.last_seen + self.timeout)
         if self.watchdog_interval and not self._stopping:
             deadlines.append(self._next_watchdog)
+        if self._drain_at is not None:
+            deadlines.append(self._drain_at)
+        if self._admin is not None and (admin := self._admin.next_deadline()) is not None:
+            deadlines.append(admin)
         return min(deadlines) if deadlines else None
 
     def _check_deadlines(self, now: float) -> None:
+        if self._drain_at is not None and now >= self._drain_at:
+            self._drain_at = None
+            self._stop(graceful=True)
         if self.watchdog_interval and not self._stopping and now >= self._next_watchdog:
             # A quarter of the interval: systemd wants one at least every half.
             self._next_watchdog = now + self.watchdog_interval / 4
@@ -539,6 +628,7 @@ class Supervisor:
                 worker.retiring = True
                 worker.kill_at = now + self.kill_grace
                 self._signal(worker, signal.SIGTERM)
+                self._restarts += 1
 
     def _signal(self, worker: _Worker, signum: int) -> None:
         try:
@@ -577,11 +667,28 @@ class Supervisor:
             for _ in range(count):
                 self._spawn(generation, now)
 
+    def _graceful_stop(self) -> None:
+        """TERM: readiness turns 503 at once; the drain starts after ``drain_delay``
+        (a second TERM starts it at once), so that a load balancer takes the
+        instance out before it stops accepting."""
+        if self._stopping:
+            return  # a second TERM changes nothing; INT after TERM hurries it
+        if self.drain_delay > 0 and not self._draining:
+            self._draining = True
+            self._drain_at = time.monotonic() + self.drain_delay
+            log.info("TERM: not ready; draining in %g s (drain delay)", self.drain_delay)
+            self._notify("status", f"not ready; draining in {self.drain_delay:g} s")
+            return
+        self._drain_at = None
+        self._stop(graceful=True)
+
     def _stop(self, *, graceful: bool) -> None:
         now = time.monotonic()
         if self._stopping and graceful:
             return  # a second TERM changes nothing; INT after TERM hurries it
         self._stopping = True
+        self._draining = True
+        self._drain_at = None
         if self._pending is not None:
             self._pending = None
             self._notify("ready", "reload abandoned: stopping")
@@ -654,6 +761,7 @@ class Supervisor:
             return
         old = [w for w in self._children.values() if w.generation != self._pending]
         self._generation, self._pending = self._pending, None
+        self._reloads += 1
         log.info("reload done: %d new workers serve; %d old ones drain", self.workers, len(old))
         self._notify("ready", f"reloaded: {self.workers} workers serving")
         for worker in old:
@@ -673,6 +781,7 @@ class Supervisor:
         worker_id = self._next_id
         self._next_id += 1
         jitter = random.randint(0, self.max_requests_jitter) if self.max_requests else 0
+        slot = None if self._board is None else self._board.take()
         r, w = os.pipe()
         # The worker's signals wait from before the fork until the worker has
         # its own handlers (it unblocks them then): a TERM in between would
@@ -684,6 +793,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(r)
             os.close(w)
+            if slot is not None and self._board is not None:
+                self._board.release(slot)
             raise
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -691,7 +802,10 @@ class Supervisor:
             code = 1
             try:
                 os.close(r)
-                code = _WorkerProcess(self, worker_id, w, jitter, mask).run()
+                figures = None
+                if slot is not None and self._board is not None:
+                    figures = self._board.writer(slot)
+                code = _WorkerProcess(self, worker_id, w, jitter, mask, figures=figures).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -705,6 +819,7 @@ class Supervisor:
         os.close(w)
         os.set_blocking(r, False)
         worker = _Worker(worker_id, pid, r, generation, now)
+        worker.slot = slot
         self._children[pid] = worker
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, worker)
@@ -718,6 +833,9 @@ class Supervisor:
             self.notifier = None
         for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        if self._admin is not None:
+            self._admin.forget()
+            self._admin = None
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -739,7 +857,10 @@ class _WorkerProcess:
         status: int,
         jitter: int,
         mask: set[int | signal.Signals],
+        *,
+        figures: SlotWriter | None = None,
     ) -> None:
+        self.figures = figures  # where the supervisor reads this worker's figures
         self.mask = mask  # the signal mask to restore once the handlers are set
         self.sup = supervisor
         self.id = worker_id
@@ -840,14 +961,23 @@ class _WorkerProcess:
         finally:
             _send(self.ctl_w, bytes([_LOOP_ENDED]))
 
+    def _publish(self) -> None:
+        if self.figures is not None:
+            self.figures.publish(figures_of(self.servers), os.getpid())
+
     def _control(self, start: float) -> int:
         sel = selectors.DefaultSelector()
         sel.register(self.ctl_r, selectors.EVENT_READ)
         sel.register(self.alive, selectors.EVENT_READ)
         beat_sent = start
+        wait = self.interval if self.figures is None else min(self.interval, PUBLISH_INTERVAL)
+        published = 0.0
         try:
             while True:
-                for key, _ in sel.select(self.interval):
+                if self.figures is not None and time.monotonic() - published >= PUBLISH_INTERVAL:
+                    self._publish()
+                    published = time.monotonic()
+                for key, _ in sel.select(wait):
                     if key.fd == self.alive:
                         sys.stderr.write(
                             f"netserve: worker {self.id} (pid {os.getpid()}): "
@@ -902,6 +1032,7 @@ class _WorkerProcess:
             # for; the process ends instead, and the kernel closes the rest.
             for server in self.servers:
                 self._close(server)
+        self._publish()  # the last figures, for the supervisor to keep
         return code
 
     @staticmethod

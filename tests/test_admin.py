@@ -1,0 +1,145 @@
+"""The admin endpoint (health and metrics over HTTP) on a selector loop (_admin)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import selectors
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from netserve import _admin
+from netserve._admin import AdminEndpoint, text
+from netserve._figures import SupervisorStatistics
+from netserve._metrics import metrics_route
+from tests.conftest import connect, recv_all
+
+
+@contextmanager
+def endpoint(routes: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    """An endpoint served by a loop on a thread of its own, as the supervisor's."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    admin = AdminEndpoint(listener, routes)
+    stop_r, stop_w = os.pipe()
+    selector = selectors.DefaultSelector()
+    selector.register(stop_r, selectors.EVENT_READ, None)
+    admin.attach(selector)
+
+    def loop() -> None:
+        while True:
+            deadline = admin.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - admin.clock())
+            for key, _ in selector.select(wait):
+                if key.data is None:
+                    return
+                key.data(selector, key)
+            admin.expire(selector)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield listener.getsockname()
+    finally:
+        os.write(stop_w, b"x")
+        thread.join(10)
+        admin.detach(selector)
+        selector.close()
+        listener.close()
+        os.close(stop_r)
+        os.close(stop_w)
+
+
+def get(address: tuple[str, int], path: str, method: str = "GET") -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        conn.close()
+
+
+ROUTES = {
+    "/readyz": lambda: text(200, "ready\n"),
+    "/broken": lambda: 1 / 0,
+}
+
+
+def test_routes_methods_and_errors() -> None:
+    with endpoint(ROUTES) as address:
+        assert get(address, "/readyz") == (200, "text/plain; charset=utf-8", b"ready\n")
+        assert get(address, "/readyz?verbose=1")[0] == 200
+        assert get(address, "/readyz", "HEAD") == (200, "text/plain; charset=utf-8", b"")
+        assert get(address, "/missing")[0] == 404
+        assert get(address, "/readyz", "POST")[0] == 405
+        assert get(address, "/broken") == (500, "text/plain; charset=utf-8", b"internal error\n")
+        with connect(address) as client:
+            client.sendall(b"nonsense\r\n\r\n")
+            assert recv_all(client).startswith(b"HTTP/1.1 400 ")
+        with connect(address) as client:
+            client.sendall(b"GET /" + b"x" * _admin.MAX_REQUEST)
+            assert recv_all(client).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_silent_client_holds_nobody_up_and_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_admin, "TIMEOUT", 0.3)
+    with endpoint(ROUTES) as address, connect(address) as silent:
+        silent.sendall(b"GET /readyz HTTP/1.1\r\n")  # and never the blank line
+        assert get(address, "/readyz")[0] == 200  # answered meanwhile
+        assert recv_all(silent) == b""  # closed once its time was up
+
+
+def test_clients_past_the_limit_are_closed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_admin, "MAX_CLIENTS", 2)
+    with endpoint(ROUTES) as address:
+        held = [connect(address) for _ in range(2)]
+        try:
+            for client in held:  # accepted and waiting for their requests
+                client.sendall(b"GET")
+            with connect(address) as extra:
+                assert recv_all(extra) == b""
+            for client in held:
+                client.sendall(b" /readyz HTTP/1.0\r\n\r\n")
+                assert recv_all(client).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for client in held:
+                client.close()
+
+
+def test_metrics_render_every_figure() -> None:
+    stats = SupervisorStatistics(
+        accepted=7, handled=5, timeouts=2, timeouts_by_kind={"idle_timeout": 2}, workers=3
+    )
+    status, content_type, body = metrics_route(lambda: stats)()
+    assert status == 200
+    assert content_type.startswith("text/plain; version=")
+    lines = body.decode().splitlines()
+    for sample in (
+        "netserve_connections_accepted_total 7.0",
+        "netserve_requests_handled_total 5.0",
+        'netserve_timeouts_total{kind="idle_timeout"} 2.0',
+        'netserve_timeouts_total{kind="write_timeout"} 0.0',
+        "netserve_workers 3.0",
+        "netserve_draining 0.0",
+        "netserve_pool_busy_threads 0.0",
+        "netserve_hub_greenlets 0.0",
+        "netserve_worker_restarts_total 0.0",
+    ):
+        assert sample in lines
+
+
+def test_metrics_without_the_extra_answer_501_with_a_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    status, _, body = metrics_route(SupervisorStatistics)()
+    assert status == 501
+    assert body.decode() == (
+        "metrics need the prometheus-client package: pip install 'netserve[metrics]'\n"
+    )

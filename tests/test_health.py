@@ -1,0 +1,141 @@
+"""Health and metrics of a running instance: ``--metrics-bind`` and ``--drain-delay``
+(issue 14, section 1), through the command, with real signals."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import connect
+from tests.test_serve_cli import app_dir, serving
+
+__all__ = ["app_dir"]  # the fixture, used here
+
+ADMIN = re.compile(r"netserve: health and metrics on (\S+):(\d+): ")
+SERVING = r"worker \d+ \(pid (\d+)\) serving"
+
+
+def get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(address: tuple[str, int]) -> dict[str, float]:
+    status, body = get(address, "/metrics")
+    assert status == 200, body
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in body.splitlines())
+        if name and not name.startswith("#")
+    }
+
+
+def echo(address: Any, text: bytes) -> None:
+    with connect(address) as client:
+        client.sendall(text + b"\n")
+        assert client.recv(100) == text.upper() + b"\n"
+
+
+class LogLines:
+    """The command's stderr, line by line, each waited for at most 20 s.
+
+    Read from the descriptor with our own buffer: a line already in a file
+    object's buffer is one a wait on the descriptor would never see."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.fd = proc.stderr.fileno()
+        self.buffer = b""
+
+    def next(self) -> str:
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.fd], [], [], 20)
+            if not ready:
+                raise AssertionError("no log line in time")
+            data = os.read(self.fd, 65536)
+            if not data:
+                raise AssertionError("the command's stderr ended")
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def until(self, pattern: str, count: int = 1) -> list[str]:
+        """The first group of each of the next ``count`` lines matching ``pattern``."""
+        found: list[str] = []
+        for _ in range(200):  # lines: bounded
+            match = re.search(pattern, self.next())
+            if match:
+                found.append(match[1] if match.groups() else match[0])
+                if len(found) == count:
+                    return found
+        raise AssertionError(f"no {count} lines matching {pattern}: {found}")
+
+
+def test_health_metrics_and_the_drain_delay(app_dir: Path) -> None:
+    args = ["app:Echo", "-b", "127.0.0.1:0", "-w", "2", "--metrics-bind", "0"]
+    with serving(app_dir, *args, "--drain-delay", "1", "--graceful-timeout", "5") as (
+        proc,
+        _,
+        address,
+    ):
+        # Printed with the banner, before serving starts: already in the
+        # stream's buffer, where a wait on the descriptor would not see it.
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = ADMIN.match(line)
+        assert match, line
+        admin = (match[1], int(match[2]))
+        assert admin[0] == "127.0.0.1"  # a bare port is loopback's
+        log = LogLines(proc)
+        first = log.until(SERVING, 2)
+        assert get(admin, "/livez") == (200, "alive\n")
+        assert get(admin, "/readyz") == (200, "ready\n")
+        for i in range(5):
+            echo(address, b"request %d" % i)
+
+        # A reload: still ready throughout; the old workers' counts are kept
+        # once they have exited (each writes its figures as it goes).
+        proc.send_signal(signal.SIGHUP)
+        new = log.until(SERVING, 2)
+        log.until("reload done")
+        assert get(admin, "/readyz") == (200, "ready\n")
+        second = log.until(r"worker \d+ \(pid (\d+)\) exited with", 2)
+        assert sorted(second) == sorted(first)
+        figures = samples(admin)
+        assert figures["netserve_requests_handled_total"] == 5
+        assert figures["netserve_connections_accepted_total"] == 5
+        assert figures["netserve_reloads_total"] == 1
+        assert figures["netserve_workers"] == 2
+        assert figures["netserve_ready"] == 1
+        assert figures['netserve_timeouts_total{kind="idle_timeout"}'] == 0
+        assert figures["netserve_connections_active"] == 0
+
+        # A worker killed outright is replaced and counted as a restart.
+        os.kill(int(new[0]), signal.SIGKILL)
+        log.until("replacing it")
+        assert samples(admin)["netserve_worker_restarts_total"] == 1
+
+        # TERM with a drain delay: not ready at once, still serving meanwhile.
+        proc.send_signal(signal.SIGTERM)
+        log.until("draining in 1 s")
+        assert get(admin, "/readyz") == (503, "draining\n")
+        assert get(admin, "/livez") == (200, "alive\n")
+        echo(address, b"during the delay")
+        assert samples(admin)["netserve_draining"] == 1
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    # The admin listener is gone with the command.
+    with socket.socket() as probe:
+        assert probe.connect_ex(admin) != 0
