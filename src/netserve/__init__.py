@@ -34,6 +34,7 @@ from netserve._green import (
     to_thread,
 )
 from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from netserve._log import JsonFormatter
 from netserve._pool import (
     PoolStatistics,
     ThreadPoolMixIn,
@@ -123,12 +124,14 @@ if hasattr(_socket, "AF_UNIX"):
     ]
 
 if hasattr(_os, "fork"):
+    from netserve._figures import SupervisorStatistics
     from netserve._supervisor import EXIT_WORKER_FAILED, Supervisor
 
     __all__ += [
         # netserve's own: the prefork supervisor.
         "EXIT_WORKER_FAILED",
         "Supervisor",
+        "SupervisorStatistics",
     ]
 
 __all__ += [
@@ -142,6 +145,8 @@ __all__ += [
     # netserve's own: running stdlib code on netserve.
     "install_as_socketserver",
     "restore_socketserver",
+    # netserve's own: logging.
+    "JsonFormatter",
     # netserve's own: the PROXY protocol.
     "ProxyHeader",
     "proxy_header",

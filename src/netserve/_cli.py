@@ -29,6 +29,7 @@ import netserve
 from netserve._combos import ThreadingTCPServer
 from netserve._demo import UpperCaseEchoHandler
 from netserve._errors import AddressError, ConfigurationError
+from netserve._log import JsonFormatter
 from netserve._proxy import proxy_policy
 from netserve._servers import TCPServer
 from netserve._supervisor import Supervisor
@@ -341,6 +342,12 @@ def _build_parser() -> _Parser:
         default=_env("log-level", "info"),
     )
     parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=_env("log-format", "text"),
+        help="text lines, or one JSON object per line for log shippers (default text)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="import and validate MODULE:ATTR, then exit"
     )
     parser.add_argument("--version", action="version", version=f"netserve {_version()}")
@@ -399,9 +406,7 @@ def _serve_target(args: argparse.Namespace) -> int:
             os.umask(int(str(args.umask), 8))
         except ValueError:
             raise _UsageError(f"--umask {args.umask!r} is not an octal number") from None
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    _configure_logging(args.log_level, args.log_format)
     attributes = _proxy_options(args)
     # Imported here first, whatever --preload says: a mistake in the import
     # string is then one line and status 2, before anything is bound.
@@ -462,6 +467,17 @@ def _serve_target(args: argparse.Namespace) -> int:
     finally:
         if admin is not None:
             admin.close()
+
+
+def _configure_logging(level: str, form: str) -> None:
+    """The command's logging: every record on stderr, as text or one JSON
+    object per line (a library user configures logging themselves)."""
+    handler = logging.StreamHandler()
+    if form == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:

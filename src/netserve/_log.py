@@ -8,11 +8,13 @@ Exceptions raised by handlers still go to ``handle_error()``, as in the stdlib.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["RateLimitedLog", "get_logger"]
+__all__ = ["JsonFormatter", "RateLimitedLog", "get_logger"]
 
 
 def get_logger(part: str) -> logging.Logger:
@@ -69,3 +71,38 @@ class RateLimitedLog:
         """The condition has ended."""
         self._last = None
         self._since_last = 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (``--log-format json``).
+
+    Keys: ``time`` (ISO 8601, UTC, milliseconds), ``level``, ``logger``,
+    ``message``, ``pid``, ``exception`` when there is one, and the fields a
+    netserve record carries in its ``netserve`` attribute (the access log's
+    ``peer``, ``client``, ``duration``, ``bytes_in``, ``bytes_out``, ``outcome``).
+    Library users opt in as with any formatter::
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(netserve.JsonFormatter())
+        logging.getLogger("netserve").addHandler(handler)
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry: dict[str, object] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        fields = getattr(record, "netserve", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
