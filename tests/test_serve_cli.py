@@ -54,6 +54,9 @@ def factory(sock):
     return netserve.server_from_socket(netserve.ThreadingTCPServer, sock, Echo)
 
 not_servable = 42
+
+class BadHooks:
+    post_fork = "not a function"
 """
 
 BANNER = re.compile(r"netserve: serving (\S+) \((\w+) model\) on (\S+)")
@@ -215,6 +218,12 @@ def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["app:Echo", "-b", "127.0.0.1:99999"], "between 0 and 65535"),
         (["app:Echo", "--umask", "9z"], "is not an octal number"),
         (["app:Echo", "--proxy-protocol", "v1"], "needs --proxy-trusted"),
+        (["app:Echo", "--hooks", "nothere:x"], "--hooks: no module named 'nothere'"),
+        (["app:Echo", "--hooks", "app:Nope"], "--hooks: 'app' has no attribute 'Nope'"),
+        (["app:Echo", "--hooks", "app:not_servable"], "has none of post_fork, worker_start"),
+        (["app:Echo", "--hooks", "app:BadHooks"], "post_fork is 'not a function', not a"),
+        (["app:Echo", "--user", "no-such-user-here"], "--user no-such-user-here: no such user"),
+        (["app:Echo", "--group", "no-such-group-here"], "no such group"),
         (["app:Echo", "--proxy-trusted", "10.0.0.0/8"], "is for --proxy-protocol"),
         (["app:Echo", "--proxy-protocol", "v3", "--proxy-trusted", "::1"], "invalid choice"),
         (
@@ -385,3 +394,61 @@ def _read_stderr_until(proc: subprocess.Popen[str], text: str) -> bool:
             if text in line:
                 return True
     return False
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
+
+
+def _stderr_matches(proc: subprocess.Popen[str], pattern: re.Pattern[str], count: int) -> list[Any]:
+    """The next ``count`` log lines that match ``pattern`` (each waited for 20 s at most)."""
+    assert proc.stderr is not None
+    found = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        for _ in range(500):
+            if len(found) == count:
+                return found
+            assert selector.select(20), f"no line matching {pattern.pattern!r} in 20 s"
+            line = proc.stderr.readline()
+            assert line, f"the log ended before {count} lines matched {pattern.pattern!r}"
+            match = pattern.search(line)
+            if match:
+                found.append(match)
+    raise AssertionError(f"{count} lines matching {pattern.pattern!r} not found")
+
+
+def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path) -> None:
+    # The example's hooks open a journal per worker (worker-PID.log, in the
+    # current directory) and report each exit in the supervisor.
+    args = ["serve_hooks:Journaled", "--hooks", "serve_hooks:Hooks", "-w", "2", "-b", "127.0.0.1:0"]
+    env = {"PYTHONPATH": str(EXAMPLES), "NETSERVE_MODEL": "threading"}
+    with serving(tmp_path, *args, env=env) as (proc, _, address):
+        first = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
+        with connect(address) as client:
+            client.sendall(b"one\n")
+            client.shutdown(socket.SHUT_WR)
+            answered, line = recv_all(client).split()
+        assert int(answered) in first and line == b"one"
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        (replaced,) = _stderr_matches(proc, SERVING, 1)
+        proc.send_signal(signal.SIGHUP)
+        second = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
+        _stderr_matches(proc, re.compile("reload done"), 1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    pids = {**first, int(replaced[2]): replaced[1], **second}
+    assert len(pids) == 5
+    journals = {
+        int(p.name[len("worker-") : -len(".log")]): p for p in tmp_path.glob("worker-*.log")
+    }
+    assert set(journals) == set(pids)
+    for pid, worker_id in pids.items():
+        text = journals[pid].read_text()
+        assert text.startswith(f"worker {worker_id} forked\nserving 1 socket(s)\n"), text
+    assert journals[int(answered)].read_text().endswith("one\n")
+    # worker_exit, in the supervisor: once per worker, with its status.
+    exits = dict(re.findall(r"^worker (\d+) exited with (-?\d+)$", out, re.MULTILINE))
+    assert exits == {**{worker_id: "0" for worker_id in pids.values()}, first[victim]: "-9"}
