@@ -6,13 +6,16 @@ command there as a subprocess, reads the address it prints, and talks to it.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -453,3 +456,62 @@ def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path)
     # worker_exit, in the supervisor: once per worker, with its status.
     exits = dict(re.findall(r"^worker (\d+) exited with (-?\d+)$", out, re.MULTILINE))
     assert exits == {**dict.fromkeys(pids.values(), "0"), first[victim]: "-9"}
+
+
+IDENTITY_APP = """
+import os
+import netserve
+
+class Who(netserve.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%d %d %d\\n" % (os.getuid(), os.getgid(), os.getpid()))
+"""
+
+
+def test_workers_run_as_user_and_group_the_supervisor_keeps_its_rights() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: this test must run")
+        pytest.skip("switching the workers' identity needs root")
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")  # Debian's names
+    # A directory the workers can read (pytest's own are root's alone): they
+    # import the module afresh, as nobody.
+    with tempfile.TemporaryDirectory(prefix="ns-priv-", dir="/tmp") as directory:
+        os.chmod(directory, 0o755)
+        app_dir = Path(directory)
+        (app_dir / "who.py").write_text(IDENTITY_APP)
+        pidfile, path = app_dir / "netserve.pid", str(app_dir / "who.sock")
+        args = ["who:Who", "-w", "2", "-b", "127.0.0.1:0", "-b", f"unix:{path}"]
+        args += ["--user", "nobody", "--group", "nogroup", "--pid", str(pidfile)]
+        with serving(app_dir, *args) as (proc, _, address):
+            assert proc.stdout is not None
+            assert BANNER.match(proc.stdout.readline())  # the Unix socket's line
+            replies = []
+            for where, family in ((address, socket.AF_INET), (path, socket.AF_UNIX)):
+                with connect(where, family) as client:
+                    client.sendall(b"?\n")
+                    replies.append([int(word) for word in recv_all(client).split()])
+            for uid, gid, pid in replies:
+                assert (uid, gid) == (nobody.pw_uid, nogroup.gr_gid)
+                assert _ids(pid) == (nobody.pw_uid, nogroup.gr_gid, [nogroup.gr_gid])
+            # The supervisor keeps root; what it made is root's.
+            assert _ids(proc.pid)[:2] == (0, 0)
+            assert pidfile.read_text() == f"{proc.pid}\n"
+            assert (pidfile.stat().st_uid, os.stat(path).st_uid) == (0, 0)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+        # Removed as it stopped, by the supervisor that made them.
+        assert not pidfile.exists()
+        assert not os.path.exists(path)
+
+
+def _ids(pid: int) -> tuple[int, int, list[int]]:
+    """A process's real uid, real gid and supplementary groups, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return int(fields["Uid"][0]), int(fields["Gid"][0]), [int(g) for g in fields["Groups"]]
