@@ -53,10 +53,13 @@ Rules:
    end-of-file when the supervisor's process ends, however it ends. (A
    parent-death signal would fire when the forking *thread* ends.)
 
-7. The listeners are non-blocking in every worker: ``O_NONBLOCK`` is shared by
-   every process that holds the socket, so no worker may set it back to
-   blocking (one that did would leave the others blocked in ``accept()``
-   when another process took the connection first).
+7. The listeners are made non-blocking once, before the first fork:
+   ``O_NONBLOCK`` belongs to the open file description every worker shares.
+   netserve's servers never set a listener they did not create back to
+   blocking (``_servers``), and a server that accepts with a plain
+   ``accept()`` after ``select()`` (the stdlib's) then gets EAGAIN, which it
+   handles, when another worker took the connection first, instead of
+   blocking until the next one.
 
 8. Only the supervisor notifies systemd (``notifier``): READY=1 once every
    worker of the first generation serves, RELOADING=1 and READY=1 around a
@@ -227,7 +230,7 @@ class Supervisor:
 
     ``run()`` must be called on the main thread (it handles signals) of a
     process with no other threads (it forks). The sockets are made
-    non-blocking in the workers (their shared open file description, rule 7).
+    non-blocking (their open file description, shared by the workers, rule 7).
     """
 
     #: Seconds between SIGTERM and SIGKILL for a silent worker, and past
@@ -318,6 +321,8 @@ class Supervisor:
             # does, from its banner on): one sent meanwhile is delivered now,
             # to these handlers, instead of killing the process.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+            for sock in self.sockets:
+                sock.setblocking(False)  # shared by every worker (rule 7)
             return self._loop()
         finally:
             # Only an exception out of the loop leaves workers here: end them.
@@ -762,13 +767,6 @@ class _WorkerProcess:
             signal.signal(signum, _wake_only)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         try:
-            for sock in sup.sockets:
-                # O_NONBLOCK belongs to the listener's open file description,
-                # which every worker shares: a loop that restored "blocking" as
-                # it left would make the others block in accept() once another
-                # worker took the connection. Non-blocking is what every one
-                # of them wants, and what each restores.
-                sock.setblocking(False)
             if sup.post_fork is not None:
                 sup.post_fork(self.id)
             made = sup.make_server(sup.sockets)
