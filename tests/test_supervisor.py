@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import selectors
 import signal
@@ -323,44 +324,83 @@ def test_int_is_a_fast_stop(running: Any) -> None:
 
 
 def test_hup_twice_replaces_every_worker_without_a_failed_request(running: Any) -> None:
+    # Several clients busy through both reloads, each opening a connection,
+    # making 1 to 10 requests on it (every reply checked), closing it and
+    # opening the next. A sent request is never retried.
     sup = running(workers=2, graceful_timeout=5.0)
     old = sup.serving(2)
-    answered: list[int] = []
+    clients = 4
+    answered: list[list[int]] = [[] for _ in range(clients)]
     failures: list[BaseException] = []
-    reloaded = threading.Event()
+    phase = [0]  # 0, 1, 2: the reloads done
+    done = threading.Event()
+    progress = threading.Condition()
 
-    def client() -> None:
-        # Bounded in count and time; every request is checked by ask(). It
-        # ends 20 requests after the old workers are gone.
-        deadline = time.monotonic() + 20
-        after = 0
-        for _ in range(3000):
-            if time.monotonic() > deadline or after >= 20:
+    def client(index: int) -> None:
+        # Bounded in count and time: it ends 20 connections into the last phase.
+        deadline = time.monotonic() + 30
+        rng = random.Random(index)
+        last_phase = 0
+        for _ in range(2000):
+            if done.is_set() or time.monotonic() > deadline or last_phase >= 20:
                 return
+            last_phase += phase[0] == 2
             try:
-                answered.append(ask(sup.port))
+                with (
+                    socket.create_connection(("127.0.0.1", sup.port), timeout=WAIT) as sock,
+                    sock.makefile("rb") as reader,
+                ):
+                    for number in range(rng.randint(1, 10)):
+                        text = b"c%d-%d\n" % (index, number)
+                        sock.sendall(text)
+                        pid, _, echoed = reader.readline().partition(b" ")
+                        assert echoed == text, (pid, echoed)
+                        with progress:
+                            answered[index].append(int(pid))
+                            progress.notify_all()
             except Exception as exc:
-                failures.append(exc)
-            after += reloaded.is_set()
+                with progress:
+                    failures.append(exc)
+                    progress.notify_all()
+                return
 
-    thread = threading.Thread(target=client)
-    thread.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
     generations = [old]
     try:
-        for _ in range(2):
+        for reload in range(2):
+            # Every client is busy before each reload.
+            with progress:
+                counts = [len(replies) for replies in answered]
+                assert progress.wait_for(
+                    lambda counts=counts: (
+                        failures
+                        or all(len(r) > n + 5 for r, n in zip(answered, counts, strict=True))
+                    ),
+                    WAIT,
+                )
             sup.signal(signal.SIGHUP)
             generations.append(sup.serving(2))
-            # The old workers drain and exit; the client keeps asking meanwhile.
+            # The old workers drain and exit; the clients keep asking meanwhile.
             for _ in range(2):
                 sup.expect("EXIT")
+            phase[0] = reload + 1
     finally:
-        reloaded.set()
-        thread.join()
+        for thread in threads:
+            thread.join(WAIT)
+        done.set()
+        for thread in threads:
+            thread.join()
     assert failures == []
     first, second, third = generations
     assert len(first | second | third) == 6  # every pid changed, twice
-    assert set(answered) <= first | second | third
-    assert set(answered[-10:]) <= third
+    for replies in answered:
+        assert set(replies) <= first | second | third
+        assert set(replies[-10:]) <= third
+        # Busy before, between and after the reloads (waited for above).
+        assert set(replies) & first
+        assert set(replies) & second
     assert all(gone(pid) for pid in first | second)
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
