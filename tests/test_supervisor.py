@@ -94,7 +94,7 @@ def say(text):
     os.write(1, text.encode() + b"\n")
 
 
-listener = socket.create_server(("127.0.0.1", 0))
+listener = socket.create_server(("127.0.0.1", 0), reuse_port=cfg.get("reuse_port", False))
 say(f"PORT {listener.getsockname()[1]}")
 supervisor = netserve.Supervisor(
     make_server,
@@ -109,6 +109,7 @@ supervisor = netserve.Supervisor(
     reopen_logs=lambda: say(f"REOPEN {os.getpid()}"),
     notifier=netserve.SystemdNotifier() if cfg.get("notify") else None,
     watchdog_interval=cfg.get("watchdog"),
+    reuse_port=cfg.get("reuse_port", False),
 )
 status = supervisor.run()
 listener.close()
@@ -573,5 +574,30 @@ def test_an_idle_supervisor_and_its_workers_sleep(running: Any) -> None:
     used = {pid: _cpu_seconds(pid) - spent for pid, spent in before.items()}
     assert all(seconds < 0.3 for seconds in used.values()), used
     assert ask(sup.port) in pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+
+
+def test_reuse_port_spreads_connections_over_every_worker(running: Any) -> None:
+    sup = running(workers=4, reuse_port=True)
+    pids = sup.serving(4)
+    # Each connection comes from a new port: the kernel's hash picks a slot.
+    served = [ask(sup.port) for _ in range(200)]
+    counts = {pid: served.count(pid) for pid in pids}
+    assert set(served) <= pids
+    assert min(counts.values()) >= 10, counts  # 50 each on average
+    # A killed worker's replacement takes over its slot's listener: what was
+    # queued on it meanwhile is answered, nothing is lost.
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    served = [ask(sup.port) for _ in range(100)]
+    (replacement,) = sup.serving(1)
+    assert replacement in served
+    assert set(served) <= (pids - {victim}) | {replacement}
+    # One slot fewer: its listener is closed, the others serve everything.
+    sup.signal(signal.SIGTTOU)
+    sup.expect("EXIT")
+    served = [ask(sup.port) for _ in range(100)]
+    assert len(set(served)) == 3
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0

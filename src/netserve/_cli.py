@@ -444,6 +444,7 @@ def _serve_target(args: argparse.Namespace) -> int:
             worker_start=lambda servers: loaded.call("worker_start", servers),
             worker_exit=lambda worker_id, code: loaded.call("worker_exit", worker_id, code),
             import_fresh=None if args.preload else import_fresh,
+            reuse_port=args.reuse_port,
             notifier=SystemdNotifier(unset_environment=True),
             watchdog_interval=systemd_watchdog_interval(unset_environment=True),
         )

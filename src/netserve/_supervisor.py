@@ -65,6 +65,16 @@ Rules:
    worker of the first generation serves, RELOADING=1 and READY=1 around a
    reload, STOPPING=1; WATCHDOG=1 only while some worker reports alive.
 
+9. ``reuse_port``: each worker slot (0 .. ``workers`` - 1) has its own
+   listener for every IP socket with ``SO_REUSEPORT`` set, so that the kernel
+   spreads connections over the slots instead of waking every worker for
+   each. Slot 0 uses the caller's sockets; the supervisor binds the others to
+   the same address. A worker keeps its slot's listener and closes the
+   others'; its replacement (after a crash, ``max_requests``, or in a
+   reload's new generation) gets the same listener, so nothing queued on it
+   is lost. Closing a listener drops the connections queued on it: one
+   fewer slot (TTOU) loses those waiting on that slot's listener.
+
 In the worker, the main thread only waits (signals, the supervisor pipe, its
 serving loops ending, a heartbeat timer); each server's ``serve_forever()``
 runs on a thread of its own, so that ``drain()`` is called from outside the
@@ -85,6 +95,7 @@ import os
 import random
 import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -185,10 +196,14 @@ class _Worker:
         "ready",
         "ready_at",
         "retiring",
+        "slot",
     )
 
-    def __init__(self, worker_id: int, pid: int, pipe: int, generation: int, now: float) -> None:
+    def __init__(
+        self, worker_id: int, pid: int, pipe: int, generation: int, now: float, *, slot: int
+    ) -> None:
         self.id = worker_id
+        self.slot = slot
         self.pid = pid
         self.pipe = pipe  # the read end of its status pipe; -1 once closed
         self.generation = generation
@@ -224,6 +239,10 @@ class Supervisor:
     ``watchdog_interval`` (``systemd_watchdog_interval()``): WATCHDOG=1 every
     quarter of it while some worker serves and reports alive.
 
+    ``reuse_port``: each worker slot gets a listener of its own for every IP
+    socket with ``SO_REUSEPORT`` set, bound here to the same address, so that
+    the kernel spreads the connections over the workers (rule 9).
+
     ``max_requests``: a worker drains and is replaced after its servers have
     handled that many requests (``statistics().handled``), plus a random
     0..``max_requests_jitter`` of its own; 0 turns it off.
@@ -254,6 +273,7 @@ class Supervisor:
         import_fresh: Callable[[], object] | None = None,
         notifier: SystemdNotifier | None = None,
         watchdog_interval: float | None = None,
+        reuse_port: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -275,6 +295,7 @@ class Supervisor:
         self.import_fresh = import_fresh
         self.notifier = notifier
         self.watchdog_interval = watchdog_interval
+        self.reuse_port = reuse_port
         self._running = False
         self._reset()
 
@@ -291,6 +312,8 @@ class Supervisor:
         self._selector: selectors.BaseSelector | None = None
         self._announced = False  # READY=1 sent since the start
         self._next_watchdog = 0.0
+        # Slot -> its listeners (rule 9); slot 0's are the caller's sockets.
+        self._slots: dict[int, list[Any]] = {0: self.sockets}
 
     def worker_pids(self) -> list[int]:
         """The pids of the workers running now (for the supervisor's own process)."""
@@ -342,6 +365,8 @@ class Supervisor:
             for worker in self._children.values():
                 self._close_pipe(worker)
             self._children.clear()
+            for slot in list(self._slots):
+                self._close_slot(slot)
             for fd in (self._wake_r, self._wake_w, self._alive_r, self._alive_w):
                 if fd >= 0:
                     os.close(fd)
@@ -614,8 +639,11 @@ class Supervisor:
                 continue
             counted = self._counted(generation)
             if len(counted) > self.workers:
-                # The newest goes: the older ones have warmed up.
-                self._retire(max(counted, key=lambda w: w.id), now)
+                # The last slot goes (the newest worker, unless one was replaced).
+                self._retire(max(counted, key=lambda w: (w.slot, w.id)), now)
+        for slot in list(self._slots):
+            if slot >= self.workers:
+                self._close_slot(slot)  # its queued connections are dropped (rule 9)
 
     def _all_serving(self, generation: int) -> bool:
         counted = self._counted(generation)
@@ -674,7 +702,52 @@ class Supervisor:
             if worker.generation == pending and not worker.retiring:
                 self._retire(worker, now)
 
+    def _listeners(self, slot: int) -> list[Any]:
+        """The sockets a worker in ``slot`` serves (rule 9)."""
+        if not self.reuse_port:
+            return self.sockets
+        found = self._slots.get(slot)
+        if found is None:
+            found = self._slots[slot] = [self._sibling(sock) for sock in self.sockets]
+        return found
+
+    @staticmethod
+    def _sibling(sock: Any) -> Any:
+        """A listener of its own on ``sock``'s address, or ``sock`` where there is none."""
+        ip = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if not ip or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            return sock
+        new = socket.socket(sock.family, sock.type)
+        try:
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sock.family == socket.AF_INET6:
+                v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            new.bind(sock.getsockname())
+            if sock.type == socket.SOCK_STREAM:
+                new.listen(socket.SOMAXCONN)
+            new.setblocking(False)
+        except OSError as exc:
+            new.close()
+            log.error("cannot bind a reuse_port listener on %s (%s): sharing the first", sock, exc)
+            return sock
+        return new
+
+    def _close_slot(self, slot: int) -> None:
+        """Close the listeners this supervisor bound for ``slot`` (never the caller's)."""
+        if slot == 0 or slot not in self._slots:
+            return
+        if any(w.slot == slot and not w.retiring for w in self._children.values()):
+            return
+        for sock in self._slots.pop(slot):
+            if not any(sock is given for given in self.sockets):
+                sock.close()
+
     def _spawn(self, generation: int, now: float) -> None:
+        taken = {w.slot for w in self._counted(generation)}
+        slot = min(set(range(len(taken) + 1)) - taken)
+        listeners = self._listeners(slot)
         worker_id = self._next_id
         self._next_id += 1
         jitter = random.randint(0, self.max_requests_jitter) if self.max_requests else 0
@@ -696,7 +769,7 @@ class Supervisor:
             code = 1
             try:
                 os.close(r)
-                code = _WorkerProcess(self, worker_id, w, jitter, mask).run()
+                code = _WorkerProcess(self, worker_id, w, jitter, mask, listeners=listeners).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -709,13 +782,19 @@ class Supervisor:
                 os._exit(code)
         os.close(w)
         os.set_blocking(r, False)
-        worker = _Worker(worker_id, pid, r, generation, now)
+        worker = _Worker(worker_id, pid, r, generation, now, slot=slot)
         self._children[pid] = worker
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, worker)
 
-    def _close_in_worker(self) -> None:
-        """In a fresh worker: drop the supervisor's descriptors and signal setup."""
+    def _close_in_worker(self, listeners: list[Any]) -> None:
+        """In a fresh worker: drop the supervisor's descriptors and signal setup,
+        and the listeners of other slots (rule 9)."""
+        for slot_listeners in self._slots.values():
+            for sock in slot_listeners:
+                if not any(sock is own for own in listeners):
+                    sock.close()
+        self._slots = {}
         signal.set_wakeup_fd(-1)
         if self.notifier is not None:
             # Only the supervisor speaks for the service (rule 8).
@@ -744,7 +823,10 @@ class _WorkerProcess:
         status: int,
         jitter: int,
         mask: set[int | signal.Signals],
+        *,
+        listeners: list[Any],
     ) -> None:
+        self.listeners = listeners
         self.mask = mask  # the signal mask to restore once the handlers are set
         self.sup = supervisor
         self.id = worker_id
@@ -759,7 +841,7 @@ class _WorkerProcess:
 
     def run(self) -> int:
         sup = self.sup
-        sup._close_in_worker()
+        sup._close_in_worker(self.listeners)
         os.set_blocking(self.status, False)
         self.ctl_r, self.ctl_w = _nonblocking_pipe()
         signal.set_wakeup_fd(self.ctl_w, warn_on_full_buffer=False)
@@ -769,7 +851,7 @@ class _WorkerProcess:
         try:
             if sup.post_fork is not None:
                 sup.post_fork(self.id)
-            made = sup.make_server(sup.sockets)
+            made = sup.make_server(self.listeners)
             self.servers = list(made) if isinstance(made, list | tuple) else [made]
             if sup.worker_start is not None:
                 sup.worker_start(made)
