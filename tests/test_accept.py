@@ -529,6 +529,60 @@ def test_the_listener_is_non_blocking_only_while_serving(model: str) -> None:
         assert server.socket.gettimeout() == 7.0
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_loop_that_stops_leaves_a_shared_listener_non_blocking(model: str) -> None:
+    # Two servers on one open file description (a dup, as a supervisor's
+    # workers or a socket-activated service share one): the first stops while
+    # the second serves. Had the first set the listener back to blocking, the
+    # second's loop would block in accept() once the backlog emptied, and its
+    # shutdown() would never return.
+    listener = socket.create_server(("127.0.0.1", 0))  # blocking, as systemd passes them
+    twin = listener.dup()
+    first = netserve.server_from_socket(MODELS[model].tcp, listener, Echo)
+    second = netserve.server_from_socket(MODELS[model].tcp, twin, Echo)
+    with first, second, Serving(second, close=False) as serving:
+        with Serving(first, close=False):
+            pass  # it served, and stopped
+        assert not os.get_blocking(twin.fileno())
+        for _ in range(3):
+            with connect(serving.address) as client:
+                client.sendall(b"x\n")
+                assert recv_line(client, time.monotonic() + PROMPT_S) == b"x\n"
+        stopped = threading.Thread(target=second.shutdown, daemon=True)
+        stopped.start()
+        stopped.join(PROMPT_S)
+        assert not stopped.is_alive(), "the loop is blocked in accept()"
+    # handle_request() still waits as the caller left the listener: no limit.
+    adopted = socket.create_server(("127.0.0.1", 0))
+    with netserve.server_from_socket(MODELS[model].tcp, adopted, Echo) as server:
+        with Serving(server, close=False):
+            pass
+        assert server.socket.gettimeout() == 0.0
+        timeouts: list[bool] = []
+        server.handle_timeout = lambda: timeouts.append(True)  # type: ignore[method-assign]
+        waiting = threading.Thread(target=server.handle_request)
+        waiting.start()
+        try:
+            waiting.join(0.2)  # it must not return: no connection yet, and no limit
+            assert waiting.is_alive()
+            assert not timeouts
+            with connect(server.server_address) as client:
+                client.sendall(b"y\n")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_line(client, time.monotonic() + PROMPT_S) == b"y\n"
+        finally:
+            waiting.join(PROMPT_S)
+        assert not waiting.is_alive()
+
+
+def test_a_server_gives_its_own_listener_back_blocking() -> None:
+    with netserve.TCPServer(("127.0.0.1", 0), Echo) as server:
+        with Serving(server, close=False):
+            pass
+        assert server.socket.gettimeout() is None
+        assert os.get_blocking(server.socket.fileno())
+
+
 def test_udp_get_request_never_blocks() -> None:
     # A datagram another process sharing the socket took first leaves the
     # socket readable for nothing: get_request() must not wait for the next.

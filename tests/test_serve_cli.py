@@ -6,13 +6,16 @@ command there as a subprocess, reads the address it prints, and talks to it.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +57,9 @@ def factory(sock):
     return netserve.server_from_socket(netserve.ThreadingTCPServer, sock, Echo)
 
 not_servable = 42
+
+class BadHooks:
+    post_fork = "not a function"
 """
 
 BANNER = re.compile(r"netserve: serving (\S+) \((\w+) model\) on (\S+)")
@@ -215,6 +221,12 @@ def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["app:Echo", "-b", "127.0.0.1:99999"], "between 0 and 65535"),
         (["app:Echo", "--umask", "9z"], "is not an octal number"),
         (["app:Echo", "--proxy-protocol", "v1"], "needs --proxy-trusted"),
+        (["app:Echo", "--hooks", "nothere:x"], "--hooks: no module named 'nothere'"),
+        (["app:Echo", "--hooks", "app:Nope"], "--hooks: 'app' has no attribute 'Nope'"),
+        (["app:Echo", "--hooks", "app:not_servable"], "has none of post_fork, worker_start"),
+        (["app:Echo", "--hooks", "app:BadHooks"], "post_fork is 'not a function', not a"),
+        (["app:Echo", "--user", "no-such-user-here"], "--user no-such-user-here: no such user"),
+        (["app:Echo", "--group", "no-such-group-here"], "no such group"),
         (["app:Echo", "--proxy-trusted", "10.0.0.0/8"], "is for --proxy-protocol"),
         (["app:Echo", "--proxy-protocol", "v3", "--proxy-trusted", "::1"], "invalid choice"),
         (
@@ -385,3 +397,121 @@ def _read_stderr_until(proc: subprocess.Popen[str], text: str) -> bool:
             if text in line:
                 return True
     return False
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
+
+
+def _stderr_matches(proc: subprocess.Popen[str], pattern: re.Pattern[str], count: int) -> list[Any]:
+    """The next ``count`` log lines that match ``pattern`` (each waited for 20 s at most)."""
+    assert proc.stderr is not None
+    found = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        for _ in range(500):
+            if len(found) == count:
+                return found
+            assert selector.select(20), f"no line matching {pattern.pattern!r} in 20 s"
+            line = proc.stderr.readline()
+            assert line, f"the log ended before {count} lines matched {pattern.pattern!r}"
+            match = pattern.search(line)
+            if match:
+                found.append(match)
+    raise AssertionError(f"{count} lines matching {pattern.pattern!r} not found")
+
+
+def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path) -> None:
+    # The example's hooks open a journal per worker (worker-PID.log, in the
+    # current directory) and report each exit in the supervisor.
+    args = ["serve_hooks:Journaled", "--hooks", "serve_hooks:Hooks", "-w", "2", "-b", "127.0.0.1:0"]
+    env = {"PYTHONPATH": str(EXAMPLES), "NETSERVE_MODEL": "threading"}
+    with serving(tmp_path, *args, env=env) as (proc, _, address):
+        first = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
+        with connect(address) as client:
+            client.sendall(b"one\n")
+            client.shutdown(socket.SHUT_WR)
+            answered, line = recv_all(client).split()
+        assert int(answered) in first
+        assert line == b"one"
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        (replaced,) = _stderr_matches(proc, SERVING, 1)
+        proc.send_signal(signal.SIGHUP)
+        second = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
+        _stderr_matches(proc, re.compile("reload done"), 1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    pids = {**first, int(replaced[2]): replaced[1], **second}
+    assert len(pids) == 5
+    journals = {
+        int(p.name[len("worker-") : -len(".log")]): p for p in tmp_path.glob("worker-*.log")
+    }
+    assert set(journals) == set(pids)
+    for pid, worker_id in pids.items():
+        text = journals[pid].read_text()
+        assert text.startswith(f"worker {worker_id} forked\nserving 1 socket(s)\n"), text
+    assert journals[int(answered)].read_text().endswith("one\n")
+    # worker_exit, in the supervisor: once per worker, with its status.
+    exits = dict(re.findall(r"^worker (\d+) exited with (-?\d+)$", out, re.MULTILINE))
+    assert exits == {**dict.fromkeys(pids.values(), "0"), first[victim]: "-9"}
+
+
+IDENTITY_APP = """
+import os
+import netserve
+
+class Who(netserve.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%d %d %d\\n" % (os.getuid(), os.getgid(), os.getpid()))
+"""
+
+
+def test_workers_run_as_user_and_group_the_supervisor_keeps_its_rights() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: this test must run")
+        pytest.skip("switching the workers' identity needs root")
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")  # Debian's names
+    # A directory the workers can read (pytest's own are root's alone): they
+    # import the module afresh, as nobody.
+    with tempfile.TemporaryDirectory(prefix="ns-priv-", dir="/tmp") as directory:
+        os.chmod(directory, 0o755)
+        app_dir = Path(directory)
+        (app_dir / "who.py").write_text(IDENTITY_APP)
+        pidfile, path = app_dir / "netserve.pid", str(app_dir / "who.sock")
+        args = ["who:Who", "-w", "2", "-b", "127.0.0.1:0", "-b", f"unix:{path}"]
+        args += ["--user", "nobody", "--group", "nogroup", "--pid", str(pidfile)]
+        with serving(app_dir, *args) as (proc, _, address):
+            assert proc.stdout is not None
+            assert BANNER.match(proc.stdout.readline())  # the Unix socket's line
+            replies = []
+            for where, family in ((address, socket.AF_INET), (path, socket.AF_UNIX)):
+                with connect(where, family) as client:
+                    client.sendall(b"?\n")
+                    replies.append([int(word) for word in recv_all(client).split()])
+            for uid, gid, pid in replies:
+                assert (uid, gid) == (nobody.pw_uid, nogroup.gr_gid)
+                assert _ids(pid) == (nobody.pw_uid, nogroup.gr_gid, [nogroup.gr_gid])
+            # The supervisor keeps root; what it made is root's.
+            assert _ids(proc.pid)[:2] == (0, 0)
+            assert pidfile.read_text() == f"{proc.pid}\n"
+            assert (pidfile.stat().st_uid, os.stat(path).st_uid) == (0, 0)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+        # Removed as it stopped, by the supervisor that made them.
+        assert not pidfile.exists()
+        assert not os.path.exists(path)
+
+
+def _ids(pid: int) -> tuple[int, int, list[int]]:
+    """A process's real uid, real gid and supplementary groups, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return int(fields["Uid"][0]), int(fields["Gid"][0]), [int(g) for g in fields["Groups"]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import selectors
 import signal
@@ -93,7 +94,7 @@ def say(text):
     os.write(1, text.encode() + b"\n")
 
 
-listener = socket.create_server(("127.0.0.1", 0))
+listener = socket.create_server(("127.0.0.1", 0), reuse_port=cfg.get("reuse_port", False))
 say(f"PORT {listener.getsockname()[1]}")
 supervisor = netserve.Supervisor(
     make_server,
@@ -108,6 +109,7 @@ supervisor = netserve.Supervisor(
     reopen_logs=lambda: say(f"REOPEN {os.getpid()}"),
     notifier=netserve.SystemdNotifier() if cfg.get("notify") else None,
     watchdog_interval=cfg.get("watchdog"),
+    reuse_port=cfg.get("reuse_port", False),
 )
 status = supervisor.run()
 listener.close()
@@ -323,44 +325,83 @@ def test_int_is_a_fast_stop(running: Any) -> None:
 
 
 def test_hup_twice_replaces_every_worker_without_a_failed_request(running: Any) -> None:
+    # Several clients busy through both reloads, each opening a connection,
+    # making 1 to 10 requests on it (every reply checked), closing it and
+    # opening the next. A sent request is never retried.
     sup = running(workers=2, graceful_timeout=5.0)
     old = sup.serving(2)
-    answered: list[int] = []
+    clients = 4
+    answered: list[list[int]] = [[] for _ in range(clients)]
     failures: list[BaseException] = []
-    reloaded = threading.Event()
+    phase = [0]  # 0, 1, 2: the reloads done
+    done = threading.Event()
+    progress = threading.Condition()
 
-    def client() -> None:
-        # Bounded in count and time; every request is checked by ask(). It
-        # ends 20 requests after the old workers are gone.
-        deadline = time.monotonic() + 20
-        after = 0
-        for _ in range(3000):
-            if time.monotonic() > deadline or after >= 20:
+    def client(index: int) -> None:
+        # Bounded in count and time: it ends 20 connections into the last phase.
+        deadline = time.monotonic() + 30
+        rng = random.Random(index)
+        last_phase = 0
+        for _ in range(2000):
+            if done.is_set() or time.monotonic() > deadline or last_phase >= 20:
                 return
+            last_phase += phase[0] == 2
             try:
-                answered.append(ask(sup.port))
+                with (
+                    socket.create_connection(("127.0.0.1", sup.port), timeout=WAIT) as sock,
+                    sock.makefile("rb") as reader,
+                ):
+                    for number in range(rng.randint(1, 10)):
+                        text = b"c%d-%d\n" % (index, number)
+                        sock.sendall(text)
+                        pid, _, echoed = reader.readline().partition(b" ")
+                        assert echoed == text, (pid, echoed)
+                        with progress:
+                            answered[index].append(int(pid))
+                            progress.notify_all()
             except Exception as exc:
-                failures.append(exc)
-            after += reloaded.is_set()
+                with progress:
+                    failures.append(exc)
+                    progress.notify_all()
+                return
 
-    thread = threading.Thread(target=client)
-    thread.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
     generations = [old]
     try:
-        for _ in range(2):
+        for reload in range(2):
+            # Every client is busy before each reload.
+            with progress:
+                counts = [len(replies) for replies in answered]
+                assert progress.wait_for(
+                    lambda counts=counts: (
+                        failures
+                        or all(len(r) > n + 5 for r, n in zip(answered, counts, strict=True))
+                    ),
+                    WAIT,
+                )
             sup.signal(signal.SIGHUP)
             generations.append(sup.serving(2))
-            # The old workers drain and exit; the client keeps asking meanwhile.
+            # The old workers drain and exit; the clients keep asking meanwhile.
             for _ in range(2):
                 sup.expect("EXIT")
+            phase[0] = reload + 1
     finally:
-        reloaded.set()
-        thread.join()
+        for thread in threads:
+            thread.join(WAIT)
+        done.set()
+        for thread in threads:
+            thread.join()
     assert failures == []
     first, second, third = generations
     assert len(first | second | third) == 6  # every pid changed, twice
-    assert set(answered) <= first | second | third
-    assert set(answered[-10:]) <= third
+    for replies in answered:
+        assert set(replies) <= first | second | third
+        assert set(replies[-10:]) <= third
+        # Busy before, between and after the reloads (waited for above).
+        assert set(replies) & first
+        assert set(replies) & second
     assert all(gone(pid) for pid in first | second)
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0
@@ -533,5 +574,30 @@ def test_an_idle_supervisor_and_its_workers_sleep(running: Any) -> None:
     used = {pid: _cpu_seconds(pid) - spent for pid, spent in before.items()}
     assert all(seconds < 0.3 for seconds in used.values()), used
     assert ask(sup.port) in pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait() == 0
+
+
+def test_reuse_port_spreads_connections_over_every_worker(running: Any) -> None:
+    sup = running(workers=4, reuse_port=True)
+    pids = sup.serving(4)
+    # Each connection comes from a new port: the kernel's hash picks a slot.
+    served = [ask(sup.port) for _ in range(200)]
+    counts = {pid: served.count(pid) for pid in pids}
+    assert set(served) <= pids
+    assert min(counts.values()) >= 10, counts  # 50 each on average
+    # A killed worker's replacement takes over its slot's listener: what was
+    # queued on it meanwhile is answered, nothing is lost.
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    served = [ask(sup.port) for _ in range(100)]
+    (replacement,) = sup.serving(1)
+    assert replacement in served
+    assert set(served) <= (pids - {victim}) | {replacement}
+    # One slot fewer: its listener is closed, the others serve everything.
+    sup.signal(signal.SIGTTOU)
+    sup.expect("EXIT")
+    served = [ask(sup.port) for _ in range(100)]
+    assert len(set(served)) == 3
     sup.signal(signal.SIGTERM)
     assert sup.wait() == 0

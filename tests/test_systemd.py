@@ -8,10 +8,12 @@ import logging
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -504,3 +506,116 @@ def test_the_docs_units_verify(tmp_path: Path) -> None:
     )
     # It reports what it ignores on stderr, and still exits 0.
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# --- examples/systemd: the units for the netserve command --------------------------------
+
+UNITS = ROOT / "examples" / "systemd"
+# The units name the command where a system-wide install puts it; the tests use
+# the one installed next to this interpreter.
+UNIT_COMMAND = "/usr/local/bin/netserve"
+
+
+def _installed_command() -> str:
+    command = Path(sysconfig.get_path("scripts")) / "netserve"
+    assert command.exists(), f"{command}: install netserve (pip install -e .) first"
+    return str(command)
+
+
+def _setting(unit: Path, key: str) -> str:
+    (value,) = re.findall(rf"^{key}=(.*)$", unit.read_text(), re.MULTILINE)
+    return str(value)
+
+
+def test_the_example_units_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing (Debian's systemd package)")
+        pytest.skip("systemd-analyze is not installed")
+    units = []
+    for unit in sorted(UNITS.iterdir()):
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace(UNIT_COMMAND, _installed_command()))
+        units.append(str(copy))
+    assert [os.path.basename(u) for u in units] == [
+        "netserve-example.service",
+        "netserve-example.socket",
+    ]
+    result = subprocess.run(
+        [tool, "verify", "--man=no", *units],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    service = UNITS / "netserve-example.service"
+    # The supervisor drains its workers itself, and systemd waits for it.
+    assert _setting(service, "KillMode") == "mixed"
+    graceful = float(re.findall(r"--graceful-timeout (\S+)", _setting(service, "ExecStart"))[0])
+    assert float(_setting(service, "TimeoutStopSec")) > graceful + netserve.Supervisor.kill_grace
+
+
+def test_the_example_service_under_systemd_socket_activate(unix_path: str) -> None:
+    tool = _socket_activate()
+    service = UNITS / "netserve-example.service"
+    argv = shlex.split(_setting(service, "ExecStart"))
+    assert argv[0] == UNIT_COMMAND
+    argv[0] = _installed_command()
+    name = _setting(UNITS / "netserve-example.socket", "FileDescriptorName")
+    port = _free_tcp_port()
+    notify_path = os.path.join(os.path.dirname(unix_path), "notify")
+    notify = [f"NOTIFY_SOCKET={notify_path}"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.settimeout(20)
+        manager.bind(notify_path)
+        proc = subprocess.Popen(
+            [tool, "-l", f"127.0.0.1:{port}", f"--fdname={name}", "-E", *notify, "--", *argv],
+            # WorkingDirectory= is where serve_app.py was copied to.
+            cwd=ROOT / "examples",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            listening = proc.stderr.readline()
+            assert listening.startswith("Listening on"), listening + proc.stderr.read()
+            # It starts the command at the first connection, which waits meanwhile.
+            with connect(("127.0.0.1", port)) as client:
+                client.sendall(b"hello\nbye\n")
+                assert recv_all(client) == b"HELLO\nbye\n"
+            ready = _fields(manager)
+            assert ready[0] == "READY=1", ready
+            assert "STATUS=2 workers serving" in ready
+            # systemctl reload: ExecReload=, with $MAINPID the command's pid
+            # (systemd-socket-activate execs it).
+            reload = shlex.split(_setting(service, "ExecReload"))
+            subprocess.run(
+                [str(proc.pid) if arg == "$MAINPID" else arg for arg in reload],
+                check=True,
+                timeout=30,
+            )
+            assert _fields(manager)[0] == "RELOADING=1"
+            assert _fields(manager)[:2] == ["READY=1", "STATUS=reloaded: 2 workers serving"]
+            with connect(("127.0.0.1", port)) as client:
+                client.sendall(b"again\nbye\n")
+                assert recv_all(client) == b"AGAIN\nbye\n"
+            # systemctl stop: TERM to the main process (KillMode=mixed).
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+            assert _fields(manager)[0] == "STOPPING=1"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+
+
+def test_the_docs_show_the_example_units() -> None:
+    shown = _blocks("systemd")
+    assert shown == [
+        (UNITS / "netserve-example.socket").read_text(),
+        (UNITS / "netserve-example.service").read_text(),
+    ]

@@ -331,8 +331,17 @@ def _build_parser() -> _Parser:
         help="on SIGTERM, /readyz answers 503 at once and serving goes on S seconds "
         "before the drain starts (default 0)",
     )
-    parser.add_argument("--user", default=_env("user"), help="drop to this user after binding")
-    parser.add_argument("--group", default=_env("group"), help="drop to this group")
+    parser.add_argument(
+        "--hooks",
+        default=_env("hooks"),
+        metavar="MODULE[:ATTR]",
+        help="an object (a module, a class) whose post_fork(worker_id), worker_start(servers) "
+        "and worker_exit(worker_id, code) attributes, each optional, are the worker hooks",
+    )
+    parser.add_argument(
+        "--user", default=_env("user"), help="workers run as this user (switched after the fork)"
+    )
+    parser.add_argument("--group", default=_env("group"), help="workers run as this group")
     parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
     parser.add_argument("--chdir", default=_env("chdir"), metavar="DIR")
     parser.add_argument("--pid", default=_env("pid"), metavar="FILE")
@@ -411,25 +420,39 @@ def _serve_target(args: argparse.Namespace) -> int:
     # Imported here first, whatever --preload says: a mistake in the import
     # string is then one line and status 2, before anything is bound.
     before = set(sys.modules)
-    maker = server_maker(
-        load_target(args.target), args.model, threads=args.threads, attributes=attributes
-    )
+    target = load_target(args.target)
+    hooks = _load_hooks(args.hooks)
+    maker = server_maker(target, args.model, threads=args.threads, attributes=attributes)
+    user_modules = set(sys.modules) - before
+    identity = _identity(args.user, args.group)
     if args.check:
         print(f"netserve: {args.target} is servable with the {args.model} model")
         return 0
-    user_modules = set(sys.modules) - before
+    # The code as this process last imported it: the hooks must see the same
+    # modules as the handler (a pool a hook opens is the one the handler uses).
+    loaded = _Loaded(maker, hooks)
 
-    def fresh_maker() -> Callable[[socket.socket], Any]:
+    def import_fresh() -> None:
         # Without --preload each worker (and a reload) imports the code afresh:
         # the modules that importing it loaded are forgotten first.
         for name in user_modules:
             sys.modules.pop(name, None)
         target = load_target(args.target)
-        return server_maker(target, args.model, threads=args.threads, attributes=attributes)
+        hooks = _load_hooks(args.hooks)
+        loaded.maker = server_maker(target, args.model, threads=args.threads, attributes=attributes)
+        loaded.hooks = hooks
+
+    def post_fork(worker_id: int) -> None:
+        # Before the code is imported and before any hook: nothing the user
+        # wrote runs in a worker with the supervisor's rights.
+        if identity is not None:
+            _switch_to(identity)
+        if not args.preload:
+            import_fresh()
+        loaded.call("post_fork", worker_id)
 
     def make_servers(sockets: Sequence[socket.socket]) -> list[Any]:
-        make = maker if args.preload else fresh_maker()
-        return [make(sock) for sock in sockets]
+        return [loaded.maker(sock) for sock in sockets]
 
     sockets = _listen(args)
     admin: socket.socket | None = None
@@ -441,7 +464,6 @@ def _serve_target(args: argparse.Namespace) -> int:
             # user's mistake (one line, status 2), not a worker that fails.
             for sock in sockets:
                 proxy_policy(SimpleNamespace(**attributes, address_family=sock.family))
-        _drop_privileges(args.user, args.group)
         supervisor = Supervisor(
             make_servers,
             sockets,
@@ -450,7 +472,11 @@ def _serve_target(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             max_requests=args.max_requests,
             max_requests_jitter=args.max_requests_jitter,
-            import_fresh=None if args.preload else fresh_maker,
+            post_fork=post_fork,
+            worker_start=lambda servers: loaded.call("worker_start", servers),
+            worker_exit=lambda worker_id, code: loaded.call("worker_exit", worker_id, code),
+            import_fresh=None if args.preload else import_fresh,
+            reuse_port=args.reuse_port,
             notifier=SystemdNotifier(unset_environment=True),
             watchdog_interval=systemd_watchdog_interval(unset_environment=True),
             admin_socket=admin,
@@ -547,28 +573,78 @@ def _open(bind: BindAddress, kind: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def _drop_privileges(user: str | None, group: str | None) -> None:
-    """After binding (a low port needs root), before serving."""
-    if group is not None:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-            os.setgroups([gid])
-            os.setgid(gid)
-        except (KeyError, PermissionError) as exc:
-            raise _UsageError(f"--group {group}: {_reason(exc)}") from None
-    if user is not None:
-        try:
+_HOOKS = ("post_fork", "worker_start", "worker_exit")
+
+
+class _Loaded:
+    """What this process imported last: the server maker and the worker hooks."""
+
+    def __init__(self, maker: Callable[[socket.socket], Any], hooks: dict[str, Any]) -> None:
+        self.maker = maker
+        self.hooks = hooks
+
+    def call(self, name: str, *args: Any) -> None:
+        hook = self.hooks.get(name)
+        if hook is not None:
+            hook(*args)
+
+
+def _load_hooks(spec: str | None) -> dict[str, Callable[..., object]]:
+    """The worker hooks ``--hooks`` names: a mistake is the user's (one line, status 2)."""
+    if spec is None:
+        return {}
+    try:
+        holder = load_target(spec, module_alone=True)
+    except TargetError as exc:
+        raise _UsageError(f"--hooks: {exc}") from None
+    hooks = {name: getattr(holder, name) for name in _HOOKS if hasattr(holder, name)}
+    for name, hook in hooks.items():
+        if not callable(hook):
+            raise _UsageError(f"--hooks {spec}: {name} is {hook!r}, not a function")
+    if not hooks:
+        raise _UsageError(f"--hooks {spec}: has none of {', '.join(_HOOKS)}")
+    return hooks
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """Who the workers become: --user and --group, resolved before anything forks."""
+
+    uid: int | None
+    gid: int
+
+
+def _identity(user: str | None, group: str | None) -> _Identity | None:
+    """Resolve --user and --group now, so that a mistake is one line and status 2."""
+    if user is None and group is None:
+        return None
+    uid = None
+    gid = os.getgid()
+    try:
+        if user is not None:
             entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-            if group is None:
-                os.setgroups([entry.pw_gid])
-                os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
-        except (KeyError, PermissionError) as exc:
-            raise _UsageError(f"--user {user}: {_reason(exc)}") from None
+            uid, gid = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        raise _UsageError(f"--user {user}: no such user") from None
+    try:
+        if group is not None:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise _UsageError(f"--group {group}: no such group") from None
+    changes = (uid is not None and uid != os.geteuid()) or gid != os.getegid()
+    if changes and os.geteuid() != 0:
+        option = "--user" if uid is not None and uid != os.geteuid() else "--group"
+        raise _UsageError(f"{option}: only root can switch the workers to another identity")
+    return _Identity(uid, gid)
 
 
-def _reason(exc: Exception) -> str:
-    return "no such user or group" if isinstance(exc, KeyError) else "not permitted"
+def _switch_to(identity: _Identity) -> None:
+    """In a worker, right after the fork: the group first, while still allowed."""
+    if os.geteuid() == 0:
+        os.setgroups([identity.gid])
+    os.setgid(identity.gid)
+    if identity.uid is not None:
+        os.setuid(identity.uid)
 
 
 def _address_text(sock: socket.socket) -> tuple[str, str]:

@@ -346,8 +346,7 @@ class GreenMixIn(_MixInBase):
             self._netserve_watching = False
             # A closed descriptor has already left the epoll set with its close.
             hub.unwatch(self._green_listener_fd, registered=self.socket.fileno() >= 0)
-        if self.socket.fileno() >= 0:
-            self.socket.settimeout(self._green_saved_timeout)
+        self._netserve_give_back_listener(self.socket, self._green_saved_timeout)
         self._netserve_acceptor().close()
 
     def _green_accept(self) -> None:

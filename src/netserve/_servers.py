@@ -36,6 +36,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import select
 import selectors
 import socket
@@ -289,8 +290,32 @@ class BaseServer:
             yield acceptor
         finally:
             acceptor.close()
-            if stream and sock is not None and sock.fileno() >= 0:
-                sock.settimeout(saved)
+            if stream and sock is not None:
+                self._netserve_give_back_listener(sock, saved)
+
+    def _netserve_give_back_listener(self, sock: socket.socket, saved: float | None) -> None:
+        """As a serving loop stops: the listener's time-out as the loop found it,
+        except that a listener this server did not create stays non-blocking.
+
+        ``O_NONBLOCK`` belongs to the open file description, which every
+        process (and every descriptor) holding the socket shares: a
+        supervisor's workers, a socket systemd passed, a server that forked
+        after binding. Clearing it here would leave the others' loops blocked
+        in ``accept()`` whenever another took the connection first; there is
+        no per-call non-blocking accept to use instead. ``handle_request()``
+        still waits as the saved time-out says.
+        """
+        if sock.fileno() < 0:
+            return
+        if saved is None and not self._netserve_created(sock):
+            self._netserve_left_nonblocking = sock
+            return
+        sock.settimeout(saved)
+
+    def _netserve_created(self, sock: socket.socket) -> bool:
+        """Whether this server made ``sock`` itself, in this process."""
+        made = vars(self).get("_netserve_made_socket")
+        return made is not None and made[0] is sock and made[1] == os.getpid()
 
     def _netserve_acceptor(self) -> Acceptor:
         acceptor: Acceptor | None = vars(self).get("_netserve_acceptor_now")
@@ -533,6 +558,8 @@ class BaseServer:
     def _request_wait_limit(self) -> float | None:
         sock: socket.socket | None = getattr(self, "socket", None)
         socket_limit = None if sock is None else sock.gettimeout()
+        if socket_limit == 0.0 and vars(self).get("_netserve_left_nonblocking") is sock:
+            socket_limit = None  # blocking, as the caller left it (_netserve_give_back_listener)
         limits = [t for t in (socket_limit, self.timeout) if t is not None]
         return min(limits) if limits else None
 
@@ -765,6 +792,9 @@ class TCPServer(BaseServer):
     ) -> None:
         super().__init__(server_address, RequestHandlerClass)
         self.socket = socket.socket(self.address_family, self.socket_type)
+        # Whose it is (_netserve_created): a socket put in its place, or this
+        # one in a forked child, may be shared with other processes.
+        self._netserve_made_socket = (self.socket, os.getpid())
         if bind_and_activate:
             try:
                 self.server_bind()

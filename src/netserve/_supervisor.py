@@ -53,14 +53,27 @@ Rules:
    end-of-file when the supervisor's process ends, however it ends. (A
    parent-death signal would fire when the forking *thread* ends.)
 
-7. The listeners are non-blocking in every worker: ``O_NONBLOCK`` is shared by
-   every process that holds the socket, so no worker may set it back to
-   blocking (one that did would leave the others blocked in ``accept()``
-   when another process took the connection first).
+7. The listeners are made non-blocking once, before the first fork:
+   ``O_NONBLOCK`` belongs to the open file description every worker shares.
+   netserve's servers never set a listener they did not create back to
+   blocking (``_servers``), and a server that accepts with a plain
+   ``accept()`` after ``select()`` (the stdlib's) then gets EAGAIN, which it
+   handles, when another worker took the connection first, instead of
+   blocking until the next one.
 
 8. Only the supervisor notifies systemd (``notifier``): READY=1 once every
    worker of the first generation serves, RELOADING=1 and READY=1 around a
    reload, STOPPING=1; WATCHDOG=1 only while some worker reports alive.
+
+9. ``reuse_port``: each worker slot (0 .. ``workers`` - 1) has its own
+   listener for every IP socket with ``SO_REUSEPORT`` set, so that the kernel
+   spreads connections over the slots instead of waking every worker for
+   each. Slot 0 uses the caller's sockets; the supervisor binds the others to
+   the same address. A worker keeps its slot's listener and closes the
+   others'; its replacement (after a crash, ``max_requests``, or in a
+   reload's new generation) gets the same listener, so nothing queued on it
+   is lost. Closing a listener drops the connections queued on it: one
+   fewer slot (TTOU) loses those waiting on that slot's listener.
 
 In the worker, the main thread only waits (signals, the supervisor pipe, its
 serving loops ending, a heartbeat timer); each server's ``serve_forever()``
@@ -82,6 +95,7 @@ import os
 import random
 import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -183,6 +197,7 @@ class _Worker:
     """The supervisor's record of one worker process."""
 
     __slots__ = (
+        "figures_slot",
         "generation",
         "id",
         "kill_at",
@@ -196,8 +211,11 @@ class _Worker:
         "slot",
     )
 
-    def __init__(self, worker_id: int, pid: int, pipe: int, generation: int, now: float) -> None:
+    def __init__(
+        self, worker_id: int, pid: int, pipe: int, generation: int, now: float, *, slot: int
+    ) -> None:
         self.id = worker_id
+        self.slot = slot
         self.pid = pid
         self.pipe = pipe  # the read end of its status pipe; -1 once closed
         self.generation = generation
@@ -207,7 +225,7 @@ class _Worker:
         self.last_seen = now
         self.kill_at: float | None = None  # SIGKILL due then
         self.killed = False
-        self.slot: int | None = None  # its figures' slot on the board (_figures)
+        self.figures_slot: int | None = None  # its slot on the figures' board (_figures)
 
 
 class Supervisor:
@@ -234,13 +252,17 @@ class Supervisor:
     ``watchdog_interval`` (``systemd_watchdog_interval()``): WATCHDOG=1 every
     quarter of it while some worker serves and reports alive.
 
+    ``reuse_port``: each worker slot gets a listener of its own for every IP
+    socket with ``SO_REUSEPORT`` set, bound here to the same address, so that
+    the kernel spreads the connections over the workers (rule 9).
+
     ``max_requests``: a worker drains and is replaced after its servers have
     handled that many requests (``statistics().handled``), plus a random
     0..``max_requests_jitter`` of its own; 0 turns it off.
 
     ``run()`` must be called on the main thread (it handles signals) of a
     process with no other threads (it forks). The sockets are made
-    non-blocking in the workers (their shared open file description, rule 7).
+    non-blocking (their open file description, shared by the workers, rule 7).
     """
 
     #: Seconds between SIGTERM and SIGKILL for a silent worker, and past
@@ -266,6 +288,7 @@ class Supervisor:
         watchdog_interval: float | None = None,
         admin_socket: Any = None,
         drain_delay: float = 0.0,
+        reuse_port: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -291,6 +314,7 @@ class Supervisor:
         self.watchdog_interval = watchdog_interval
         self.admin_socket = admin_socket
         self.drain_delay = drain_delay
+        self.reuse_port = reuse_port
         self._running = False
         self._reset()
 
@@ -313,6 +337,8 @@ class Supervisor:
         self._drain_at: float | None = None  # the end of the drain delay
         self._restarts = 0
         self._reloads = 0
+        # Slot -> its listeners (rule 9); slot 0's are the caller's sockets.
+        self._slots: dict[int, list[Any]] = {0: self.sockets}
 
     def worker_pids(self) -> list[int]:
         """The pids of the workers running now (for the supervisor's own process)."""
@@ -389,6 +415,8 @@ class Supervisor:
             # does, from its banner on): one sent meanwhile is delivered now,
             # to these handlers, instead of killing the process.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+            for sock in self.sockets:
+                sock.setblocking(False)  # shared by every worker (rule 7)
             return self._loop()
         finally:
             # Only an exception out of the loop leaves workers here: end them.
@@ -412,6 +440,8 @@ class Supervisor:
             for worker in self._children.values():
                 self._close_pipe(worker)
             self._children.clear()
+            for slot in list(self._slots):
+                self._close_slot(slot)
             for fd in (self._wake_r, self._wake_w, self._alive_r, self._alive_w):
                 if fd >= 0:
                     os.close(fd)
@@ -522,8 +552,8 @@ class Supervisor:
                 self._heard(worker, data)
             self._close_pipe(worker)
             del self._children[pid]
-            if worker.slot is not None and self._board is not None:
-                self._board.release(worker.slot)
+            if worker.figures_slot is not None and self._board is not None:
+                self._board.release(worker.figures_slot)
             self._exited(worker, os.waitstatus_to_exitcode(status))
 
     def _exited(self, worker: _Worker, code: int) -> None:
@@ -716,8 +746,11 @@ class Supervisor:
                 continue
             counted = self._counted(generation)
             if len(counted) > self.workers:
-                # The newest goes: the older ones have warmed up.
-                self._retire(max(counted, key=lambda w: w.id), now)
+                # The last slot goes (the newest worker, unless one was replaced).
+                self._retire(max(counted, key=lambda w: (w.slot, w.id)), now)
+        for slot in list(self._slots):
+            if slot >= self.workers:
+                self._close_slot(slot)  # its queued connections are dropped (rule 9)
 
     def _all_serving(self, generation: int) -> bool:
         counted = self._counted(generation)
@@ -777,11 +810,56 @@ class Supervisor:
             if worker.generation == pending and not worker.retiring:
                 self._retire(worker, now)
 
+    def _listeners(self, slot: int) -> list[Any]:
+        """The sockets a worker in ``slot`` serves (rule 9)."""
+        if not self.reuse_port:
+            return self.sockets
+        found = self._slots.get(slot)
+        if found is None:
+            found = self._slots[slot] = [self._sibling(sock) for sock in self.sockets]
+        return found
+
+    @staticmethod
+    def _sibling(sock: Any) -> Any:
+        """A listener of its own on ``sock``'s address, or ``sock`` where there is none."""
+        ip = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if not ip or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            return sock
+        new = socket.socket(sock.family, sock.type)
+        try:
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sock.family == socket.AF_INET6:
+                v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            new.bind(sock.getsockname())
+            if sock.type == socket.SOCK_STREAM:
+                new.listen(socket.SOMAXCONN)
+            new.setblocking(False)
+        except OSError as exc:
+            new.close()
+            log.error("cannot bind a reuse_port listener on %s (%s): sharing the first", sock, exc)
+            return sock
+        return new
+
+    def _close_slot(self, slot: int) -> None:
+        """Close the listeners this supervisor bound for ``slot`` (never the caller's)."""
+        if slot == 0 or slot not in self._slots:
+            return
+        if any(w.slot == slot and not w.retiring for w in self._children.values()):
+            return
+        for sock in self._slots.pop(slot):
+            if not any(sock is given for given in self.sockets):
+                sock.close()
+
     def _spawn(self, generation: int, now: float) -> None:
+        taken = {w.slot for w in self._counted(generation)}
+        slot = min(set(range(len(taken) + 1)) - taken)
+        listeners = self._listeners(slot)
         worker_id = self._next_id
         self._next_id += 1
         jitter = random.randint(0, self.max_requests_jitter) if self.max_requests else 0
-        slot = None if self._board is None else self._board.take()
+        figures_slot = None if self._board is None else self._board.take()
         r, w = os.pipe()
         # The worker's signals wait from before the fork until the worker has
         # its own handlers (it unblocks them then): a TERM in between would
@@ -793,8 +871,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(r)
             os.close(w)
-            if slot is not None and self._board is not None:
-                self._board.release(slot)
+            if figures_slot is not None and self._board is not None:
+                self._board.release(figures_slot)
             raise
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -803,9 +881,11 @@ class Supervisor:
             try:
                 os.close(r)
                 figures = None
-                if slot is not None and self._board is not None:
-                    figures = self._board.writer(slot)
-                code = _WorkerProcess(self, worker_id, w, jitter, mask, figures=figures).run()
+                if figures_slot is not None and self._board is not None:
+                    figures = self._board.writer(figures_slot)
+                code = _WorkerProcess(
+                    self, worker_id, w, jitter, mask, listeners=listeners, figures=figures
+                ).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -818,14 +898,20 @@ class Supervisor:
                 os._exit(code)
         os.close(w)
         os.set_blocking(r, False)
-        worker = _Worker(worker_id, pid, r, generation, now)
-        worker.slot = slot
+        worker = _Worker(worker_id, pid, r, generation, now, slot=slot)
+        worker.figures_slot = figures_slot
         self._children[pid] = worker
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, worker)
 
-    def _close_in_worker(self) -> None:
-        """In a fresh worker: drop the supervisor's descriptors and signal setup."""
+    def _close_in_worker(self, listeners: list[Any]) -> None:
+        """In a fresh worker: drop the supervisor's descriptors and signal setup,
+        and the listeners of other slots (rule 9)."""
+        for slot_listeners in self._slots.values():
+            for sock in slot_listeners:
+                if not any(sock is own for own in listeners):
+                    sock.close()
+        self._slots = {}
         signal.set_wakeup_fd(-1)
         if self.notifier is not None:
             # Only the supervisor speaks for the service (rule 8).
@@ -858,9 +944,11 @@ class _WorkerProcess:
         jitter: int,
         mask: set[int | signal.Signals],
         *,
+        listeners: list[Any],
         figures: SlotWriter | None = None,
     ) -> None:
         self.figures = figures  # where the supervisor reads this worker's figures
+        self.listeners = listeners
         self.mask = mask  # the signal mask to restore once the handlers are set
         self.sup = supervisor
         self.id = worker_id
@@ -875,7 +963,7 @@ class _WorkerProcess:
 
     def run(self) -> int:
         sup = self.sup
-        sup._close_in_worker()
+        sup._close_in_worker(self.listeners)
         os.set_blocking(self.status, False)
         self.ctl_r, self.ctl_w = _nonblocking_pipe()
         signal.set_wakeup_fd(self.ctl_w, warn_on_full_buffer=False)
@@ -883,16 +971,9 @@ class _WorkerProcess:
             signal.signal(signum, _wake_only)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         try:
-            for sock in sup.sockets:
-                # O_NONBLOCK belongs to the listener's open file description,
-                # which every worker shares: a loop that restored "blocking" as
-                # it left would make the others block in accept() once another
-                # worker took the connection. Non-blocking is what every one
-                # of them wants, and what each restores.
-                sock.setblocking(False)
             if sup.post_fork is not None:
                 sup.post_fork(self.id)
-            made = sup.make_server(sup.sockets)
+            made = sup.make_server(self.listeners)
             self.servers = list(made) if isinstance(made, list | tuple) else [made]
             if sup.worker_start is not None:
                 sup.worker_start(made)

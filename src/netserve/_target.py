@@ -45,11 +45,14 @@ class TargetImportError(NetserveError, ImportError):
     """The user's module raised while it was imported (see ``__cause__``)."""
 
 
-def load_target(spec: str) -> Any:
+def load_target(spec: str, *, module_alone: bool = False) -> Any:
     """Import ``MODULE:ATTR`` (``ATTR`` may be dotted) from the current directory
-    or ``sys.path``, as gunicorn users expect."""
+    or ``sys.path``, as gunicorn users expect; with ``module_alone``, ``MODULE``
+    names the module itself."""
     module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    if module_alone and not sep and module_name:
+        attr = ""
+    elif not sep or not module_name or not attr:
         raise TargetError(f"{spec!r} is not MODULE:ATTR (as in mymodule:MyHandler)")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -67,7 +70,7 @@ def load_target(spec: str) -> Any:
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
     target: Any = module
-    for part in attr.split("."):
+    for part in attr.split(".") if attr else ():
         try:
             target = getattr(target, part)
         except AttributeError:
