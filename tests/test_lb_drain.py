@@ -16,6 +16,7 @@ of the clients'. HAProxy's frontend listens on a socket the test binds to port
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,6 +213,8 @@ def test_haproxy_takes_a_draining_instance_out_before_it_stops_accepting() -> No
                 # HAProxy says DOWN while the instance still serves: it has
                 # not begun its drain, and it answers a client of its own.
                 assert down["a"]["status"] == "DOWN", down["a"]
+                # Taken out by the readiness check's 503 (a layer 7 status).
+                assert (down["a"]["check_status"], down["a"]["check_code"]) == ("L7STS", "503")
                 assert down["b"]["status"] == "UP", down["b"]
                 assert get(a["admin"], "/readyz") == (503, "draining\n")
                 with connect(a["address"]) as direct:
@@ -244,3 +247,15 @@ def test_haproxy_takes_a_draining_instance_out_before_it_stops_accepting() -> No
                         _, err = proc.communicate(timeout=30)
                         assert proc.returncode == 0, err
             assert load.failures == []
+
+
+HAPROXY_BLOCK = re.compile(r"^```haproxy\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def test_the_config_shown_in_the_docs_is_the_one_tested() -> None:
+    config = (EXAMPLE / "haproxy.cfg").read_text()
+    page = (EXAMPLE.parent.parent / "docs" / "load-balancers.md").read_text()
+    blocks = HAPROXY_BLOCK.findall(page)
+    assert blocks
+    for block in blocks:
+        assert block in config, block
