@@ -29,7 +29,7 @@ import netserve
 from netserve._combos import ThreadingTCPServer
 from netserve._demo import UpperCaseEchoHandler
 from netserve._errors import AddressError, ConfigurationError
-from netserve._log import JsonFormatter
+from netserve._log import JsonFormatter, get_logger
 from netserve._proxy import proxy_policy
 from netserve._servers import TCPServer
 from netserve._supervisor import Supervisor
@@ -53,6 +53,8 @@ DEFAULT_TARGET_BIND = "127.0.0.1:8000"
 # after it started.
 USAGE_ERROR = 2
 SERVER_FAILED = 3
+
+_log = get_logger("cli")
 
 
 @dataclass(frozen=True)
@@ -679,6 +681,7 @@ def _supervise(supervisor: Supervisor, sockets: list[socket.socket], args: Any) 
                 f"netserve: serving {args.target} ({args.model} model) on {shown}   (try: {hint})",
                 flush=True,
             )
+            _log.info("listening on %s (%s, %s model)", shown, args.target, args.model)
         if supervisor.admin_socket is not None:
             shown, _ = _address_text(supervisor.admin_socket)
             print(

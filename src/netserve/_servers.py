@@ -466,7 +466,8 @@ class BaseServer:
         then the server is closed (``close()``) either way.
         """
         clock = self._netserve_table.clock
-        deadline = None if timeout is None else clock() + timeout
+        started = clock()
+        deadline = None if timeout is None else started + timeout
         self._netserve_is_draining = True
         self._netserve_drain_event.set()
         self._netserve_stop_watching(timeout)
@@ -482,6 +483,8 @@ class BaseServer:
             )
             self.abort_connections()
             self.wait_closed(_ABORT_WAIT)
+        else:
+            _drain_log.info("drain: every connection finished, in %.1f s", clock() - started)
         self.close()
         return finished
 

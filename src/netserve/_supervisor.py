@@ -449,6 +449,7 @@ class Supervisor:
 
     def _loop(self) -> int:
         assert self._selector is not None
+        log.info("supervisor (pid %d): starting %d workers", os.getpid(), self.workers)
         self._spawn_missing(time.monotonic())
         while True:
             now = time.monotonic()
