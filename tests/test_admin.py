@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import selectors
 import socket
 import sys
 import threading
@@ -14,42 +13,27 @@ from typing import Any
 
 import pytest
 
+import netserve
 from netserve import _admin
 from netserve._admin import AdminEndpoint, text
 from netserve._figures import SupervisorStatistics
 from netserve._metrics import metrics_route
-from tests.conftest import connect, recv_all
+from tests.conftest import Serving, connect, recv_all
 
 
 @contextmanager
 def endpoint(routes: dict[str, Any]) -> Iterator[tuple[str, int]]:
-    """An endpoint served by a loop on a thread of its own, as the supervisor's."""
+    """An endpoint served by a loop on a thread of its own."""
     listener = socket.create_server(("127.0.0.1", 0))
     admin = AdminEndpoint(listener, routes)
     stop_r, stop_w = os.pipe()
-    selector = selectors.DefaultSelector()
-    selector.register(stop_r, selectors.EVENT_READ, None)
-    admin.attach(selector)
-
-    def loop() -> None:
-        while True:
-            deadline = admin.next_deadline()
-            wait = None if deadline is None else max(0.0, deadline - admin.clock())
-            for key, _ in selector.select(wait):
-                if key.data is None:
-                    return
-                key.data(selector, key)
-            admin.expire(selector)
-
-    thread = threading.Thread(target=loop)
+    thread = threading.Thread(target=admin.serve_until, args=(stop_r,))
     thread.start()
     try:
         yield listener.getsockname()
     finally:
         os.write(stop_w, b"x")
         thread.join(10)
-        admin.detach(selector)
-        selector.close()
         listener.close()
         os.close(stop_r)
         os.close(stop_w)
@@ -143,3 +127,43 @@ def test_metrics_without_the_extra_answer_501_with_a_hint(
     assert body.decode() == (
         "metrics need the prometheus-client package: pip install 'netserve[metrics]'\n"
     )
+
+
+class DrainAware(netserve.StreamRequestHandler):
+    """Echoes a line; then, once the server drains, says so and ends."""
+
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline())
+        self.wfile.flush()
+        assert self.server.wait_for_drain(10)
+        self.wfile.write(b"draining\n")
+
+
+@pytest.mark.parametrize("model", ["threading", "pool"])
+def test_serve_admin_for_servers_run_without_the_supervisor(model: str) -> None:
+    server_class = {"threading": netserve.ThreadingTCPServer, "pool": netserve.ThreadPoolTCPServer}
+    server = server_class[model](("127.0.0.1", 0), DrainAware)
+    with netserve.serve_admin(server) as admin:
+        assert admin.address[0] == "127.0.0.1"
+        assert get(admin.address, "/readyz")[0] == 503  # not serving yet
+        with Serving(server, close=False) as serving, connect(serving.address) as client:
+            client.sendall(b"hello\n")
+            assert client.recv(100) == b"hello\n"  # the loop runs
+            assert get(admin.address, "/livez")[:2] == (200, "text/plain; charset=utf-8")
+            assert get(admin.address, "/readyz")[2] == b"ready\n"
+            metrics = get(admin.address, "/metrics")[2].decode().splitlines()
+            assert "netserve_connections_active 1.0" in metrics
+            assert "netserve_workers 1.0" in metrics
+            drained = threading.Thread(target=server.drain, args=(10,))
+            drained.start()
+            try:
+                # The handler saw the drain: readiness is 503 while it still serves.
+                assert client.recv(100) == b"draining\n"
+                assert get(admin.address, "/readyz")[2] == b"draining\n"
+            finally:
+                drained.join(20)
+        assert get(admin.address, "/livez")[0] == 503  # serve_forever() returned
+        metrics = get(admin.address, "/metrics")[2].decode().splitlines()
+        assert "netserve_requests_handled_total 1.0" in metrics
+        assert "netserve_draining 1.0" in metrics
+    server.server_close()

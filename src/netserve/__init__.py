@@ -34,6 +34,7 @@ from netserve._green import (
     to_thread,
 )
 from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from netserve._health import AdminThread, serve_admin
 from netserve._log import JsonFormatter
 from netserve._pool import (
     PoolStatistics,
@@ -145,8 +146,10 @@ __all__ += [
     # netserve's own: running stdlib code on netserve.
     "install_as_socketserver",
     "restore_socketserver",
-    # netserve's own: logging.
+    # netserve's own: logging, health and metrics.
     "JsonFormatter",
+    "AdminThread",
+    "serve_admin",
     # netserve's own: the PROXY protocol.
     "ProxyHeader",
     "proxy_header",

@@ -81,6 +81,24 @@ class AdminEndpoint:
         self._errors = RateLimitedLog(log, logging.ERROR)
         sock.setblocking(False)
 
+    def serve_until(self, stop_fd: int) -> None:
+        """Serve from a selector loop of this thread's own until ``stop_fd`` is
+        readable (for a process without a loop to attach to)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(stop_fd, selectors.EVENT_READ, None)
+            self.attach(selector)
+            try:
+                while True:
+                    deadline = self.next_deadline()
+                    wait = None if deadline is None else max(0.0, deadline - self.clock())
+                    for key, _ in selector.select(wait):
+                        if key.data is None:
+                            return
+                        key.data(selector, key)
+                    self.expire(selector)
+            finally:
+                self.detach(selector)
+
     def attach(self, selector: selectors.BaseSelector) -> None:
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 

@@ -95,6 +95,10 @@ class StopControl:
                 writer.close()
             self._changed.notify_all()
 
+    def loop_running(self) -> bool:
+        """Whether a loop runs now, on any thread."""
+        return self._loop_thread is not None  # one read: atomic
+
     def loop_running_elsewhere(self) -> bool:
         """Whether a loop runs now, on a thread other than this one."""
         with self._changed:

@@ -489,6 +489,11 @@ class BaseServer:
         return finished
 
     @property
+    def serving(self) -> bool:
+        """Whether ``serve_forever()`` runs now (on any thread)."""
+        return self._netserve_stop.loop_running()
+
+    @property
     def draining(self) -> bool:
         """Whether ``drain()`` has been called: a handler ends at its next boundary."""
         return self._netserve_is_draining
