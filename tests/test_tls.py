@@ -141,9 +141,11 @@ def test_every_model_serves_tls_and_closes_with_close_notify(model: str, certs: 
             with client.unwrap() as plain:
                 assert plain.recv(10) == b""
     server.server_close()
-    assert seen["version"] == "TLSv1.3" and seen == seen2
+    assert seen["version"] == "TLSv1.3"
+    assert seen == seen2
     if model == "hub":
-        assert seen["kind"] == "GreenTLSSocket" and not seen["ssl_socket"]
+        assert seen["kind"] == "GreenTLSSocket"
+        assert not seen["ssl_socket"]
     else:
         assert seen["ssl_socket"]
     stats = server.statistics()
@@ -207,7 +209,7 @@ def test_client_certificates_required(model: str, certs: Certs) -> None:
     server = server(("127.0.0.1", 0), Report)
     with Serving(server, close=False) as serving:
         # Without one: refused (TLS 1.3 tells the client at its first read).
-        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):  # noqa: PT012
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
             with tls_client(serving.address, certs.client_context()) as client:
                 ask(client, b"x\n")
         # With one: the handler sees who it is.
@@ -300,7 +302,8 @@ def test_handshakes_over_the_cap_wait_for_a_slot(model: str, certs: Certs) -> No
             assert queued.event.wait(10)
         closed = time.monotonic()  # the stall gave up: its slot passes on
         waiter.join(10)
-        assert served and served[0] >= closed
+        assert served
+        assert served[0] >= closed
     server.server_close()
     stats = server.statistics()
     assert (stats.handled, stats.stage_failures, stats.errors) == (1, 1, 0)
@@ -314,7 +317,8 @@ def test_a_connection_waiting_for_a_slot_times_out(model: str, certs: Certs) -> 
         with connect(serving.address) as first, connect(serving.address) as second:
             first.sendall(b"\x16\x03\x01\x02\x00")
             second.sendall(b"\x16\x03\x01\x02\x00")
-            assert first.recv(100) == b"" and second.recv(100) == b""
+            assert first.recv(100) == b""
+            assert second.recv(100) == b""
         served_and_closed_cleanly(serving.address, certs)  # the slot is free again
     server.server_close()
     stats = server.statistics()
