@@ -405,3 +405,23 @@ def test_failures_are_logged_at_info(certs: Certs, caplog: pytest.LogCaptureFixt
     records = [r for r in caplog.records if r.name == "netserve.tls"]
     # Rate-limited: the first at once, the rest summed up later.
     assert [r.levelno for r in records] == [logging.INFO]
+
+
+def test_proxy_protocol_then_tls(model: str, certs: Certs) -> None:
+    """A PROXY v1 header in clear, then the TLS session: the stage reads exactly
+    the header, so the handshake finds the ClientHello where the peer sent it."""
+    server = make(model, certs, proxy_protocol="any", proxy_trusted=["127.0.0.0/8"])
+    server = server(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        raw = connect(serving.address)
+        raw.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 443\r\n")
+        context = certs.client_context()
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            seen, rest = ask(client, b"hi\n")
+            client.unwrap().close()
+    server.server_close()
+    assert seen["client"] == "('203.0.113.7', 5555)"
+    assert seen["version"] == "TLSv1.3"
+    assert rest == b"hi\n"
+    stats = server.statistics()
+    assert (stats.handled, stats.stage_failures, stats.errors) == (1, 0, 0)

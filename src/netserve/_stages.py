@@ -108,6 +108,14 @@ class Connection:
             return None
         return data
 
+    def peek(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes, left in the socket; b"" at its end; None if none came."""
+        try:
+            data: bytes = _recv(self.sock, size, _PEEK_NOW)
+        except BlockingIOError:
+            return None
+        return data
+
     def send(self, data: ReadableBuffer) -> int | None:
         """Send what the socket takes now; None if it takes nothing."""
         try:
