@@ -37,7 +37,7 @@ def main():
         class Server(netserve.ThreadPoolTCPServer):
             tls_certfile = certfile
             tls_keyfile = keyfile
-            tls_alpn = ["echo/1"]
+            tls_alpn = ("echo/1",)
 
         with Server(("127.0.0.1", 0), Echo) as server:
             threading.Thread(target=server.serve_forever, daemon=True).start()
