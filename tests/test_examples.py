@@ -112,6 +112,14 @@ def test_proxy_protocol_example() -> None:
     ]
 
 
+def test_tls_echo_example() -> None:
+    assert run_example("tls_echo.py").splitlines() == [
+        "TLSv1.3: HELLO TLS",
+        "alpn: echo/1",
+        "handled: 1 failed handshakes: 0",
+    ]
+
+
 @pytest.mark.parametrize("model", ["threading", "forking", "pool", "hub"])
 def test_graceful_stop_example(model: str) -> None:
     proc = subprocess.Popen(

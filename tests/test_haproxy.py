@@ -1,7 +1,8 @@
 """PROXY protocol from a real HAProxy (Debian's haproxy package; scripts/test
 installs it) in front of netserve: send-proxy (v1), send-proxy-v2 with TLVs,
-send-proxy-v2-ssl-cn while HAProxy terminates TLS, and check-send-proxy health
-checks (LOCAL).
+send-proxy-v2-ssl-cn while HAProxy terminates TLS, check-send-proxy health
+checks (LOCAL), and send-proxy-v2 before a TLS stream HAProxy passes through
+to netserve (every model).
 
 HAProxy's frontends listen on sockets the test binds to port 0 and hands over
 (``bind fd@N``): no fixed port, and a client can connect before HAProxy is up
@@ -10,6 +11,7 @@ HAProxy's frontends listen on sockets the test binds to port 0 and hands over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -27,6 +29,9 @@ import trustme
 import netserve
 from tests.conftest import Serving
 from tests.models import MODELS
+from tests.test_tls import Certs, Report, ask, certs, make, tls_client
+
+__all__ = ["certs"]
 
 CONFIG = """\
 global
@@ -103,9 +108,40 @@ class Seen(netserve.StreamRequestHandler):
         self.wfile.write(json.dumps(report).encode() + b"\n" + line)
 
 
+@contextlib.contextmanager
+def haproxy(config: str, names: list[str], **values: Any) -> Iterator[dict[str, Any]]:
+    """HAProxy running ``config`` (a template), its frontends ``bind fd@{name}`` on
+    sockets bound here to port 0; yields their addresses. ``values`` fill the rest."""
+    binary = haproxy_binary()
+    listeners: dict[str, socket.socket] = {}
+    with tempfile.TemporaryDirectory(prefix="ns-haproxy-") as directory:
+        try:
+            for name in names:
+                sock = listeners[name] = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                sock.listen(16)
+            path = os.path.join(directory, "haproxy.cfg")
+            with open(path, "w") as file:
+                file.write(config.format(**values, **{n: s.fileno() for n, s in listeners.items()}))
+            with open(os.path.join(directory, "haproxy.log"), "wb") as log:
+                proxy = subprocess.Popen(
+                    [binary, "-f", path, "-db"],
+                    pass_fds=[sock.fileno() for sock in listeners.values()],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                try:
+                    yield {n: s.getsockname() for n, s in listeners.items()}
+                finally:
+                    proxy.terminate()
+                    proxy.wait(timeout=10)
+        finally:
+            for sock in listeners.values():
+                sock.close()
+
+
 @pytest.fixture(params=["threading", "hub"])
 def behind_haproxy(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    binary = haproxy_binary()
     errors: list[Any] = []
 
     class Server(MODELS[request.param].tcp):  # type: ignore[misc, name-defined]
@@ -118,54 +154,30 @@ def behind_haproxy(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     handler = type("Handler", (Seen,), {"seen": queue.Queue()})
     server = Server(("127.0.0.1", 0), handler)
     ca = trustme.CA()
-    listeners = {}
     with tempfile.TemporaryDirectory(prefix="ns-haproxy-") as directory:
         pem = os.path.join(directory, "server.pem")
         ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(pem)
         ca_file = os.path.join(directory, "ca.pem")
         ca.cert_pem.write_to_path(ca_file)
-        try:
-            for name in ("v1", "v2", "tls", "health"):
-                sock = listeners[name] = socket.socket()
-                sock.bind(("127.0.0.1", 0))
-                sock.listen(16)
-            host, port = server.server_address
-            config = os.path.join(directory, "haproxy.cfg")
-            with open(config, "w") as file:
-                file.write(
-                    CONFIG.format(
-                        backend=f"{host}:{port}",
-                        pem=pem,
-                        ca=ca_file,
-                        options=OPTIONS,
-                        **{name: sock.fileno() for name, sock in listeners.items()},
-                    )
-                )
-            with (
-                Serving(server),
-                open(os.path.join(directory, "haproxy.log"), "wb") as log,
-            ):
-                proxy = subprocess.Popen(
-                    [binary, "-f", config, "-db"],
-                    pass_fds=[sock.fileno() for sock in listeners.values()],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                try:
-                    yield {
-                        "addresses": {n: s.getsockname() for n, s in listeners.items()},
-                        "seen": handler.seen,
-                        "errors": errors,
-                        "ca": ca,
-                        "server": server,
-                        "proxy": proxy,
-                    }
-                finally:
-                    proxy.terminate()
-                    proxy.wait(timeout=10)
-        finally:
-            for sock in listeners.values():
-                sock.close()
+        host, port = server.server_address
+        with (
+            Serving(server),
+            haproxy(
+                CONFIG,
+                ["v1", "v2", "tls", "health"],
+                backend=f"{host}:{port}",
+                pem=pem,
+                ca=ca_file,
+                options=OPTIONS,
+            ) as addresses,
+        ):
+            yield {
+                "addresses": addresses,
+                "seen": handler.seen,
+                "errors": errors,
+                "ca": ca,
+                "server": server,
+            }
 
 
 def through(address: Any, line: bytes, context: ssl.SSLContext | None = None) -> Any:
@@ -262,3 +274,49 @@ def test_check_send_proxy_health_checks_are_local(behind_haproxy: dict[str, Any]
     stats = behind_haproxy["server"].statistics()
     assert stats.errors == 0
     assert stats.stage_failures == 0
+
+
+PASSTHROUGH = """\
+global
+    maxconn 64
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+listen passthrough
+    bind fd@{passthrough}
+    server netserve {backend} send-proxy-v2
+"""
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_tls_passed_through_after_send_proxy_v2(model: str, certs: Certs) -> None:
+    """HAProxy in TCP mode: its PROXY v2 header, then the client's own TLS stream,
+    which netserve terminates: the handler sees the real client and the session."""
+    server = make(
+        model, certs, proxy_protocol="v2", proxy_trusted=["127.0.0.1"], tls_alpn=["h2", "http/1.1"]
+    )(("127.0.0.1", 0), Report)
+    host, port = server.server_address
+    with (
+        Serving(server, close=False),
+        haproxy(PASSTHROUGH, ["passthrough"], backend=f"{host}:{port}") as addresses,
+    ):
+        context = certs.client_context()
+        context.set_alpn_protocols(["http/1.1"])
+        with tls_client(addresses["passthrough"], context) as client:
+            local = client.getsockname()
+            seen, rest = ask(client, b"through\n")
+            # The certificate is netserve's own: HAProxy only relays the bytes.
+            assert ("DNS", "localhost") in client.getpeercert()["subjectAltName"]
+            client.unwrap().close()
+    server.server_close()
+    assert seen["client"] == repr(("127.0.0.1", local[1]))  # the client, not HAProxy
+    assert seen["version"] == "TLSv1.3"
+    assert seen["alpn"] == "http/1.1"  # from the ClientHello HAProxy passed on
+    assert seen["kind"] == ("GreenTLSSocket" if model == "hub" else "TLSSocket")
+    assert rest == b"through\n"
+    stats = server.statistics()
+    assert (stats.handled, stats.stage_failures, stats.errors) == (1, 0, 0)
+    assert server.errors == []

@@ -22,6 +22,7 @@ from netserve._errors import (
     ProxyProtocolError,
     SocketActivationError,
     StageError,
+    TLSHandshakeError,
     UnusableSocketError,
 )
 from netserve._green import (
@@ -164,5 +165,6 @@ __all__ += [
     "ProxyProtocolError",
     "SocketActivationError",
     "StageError",
+    "TLSHandshakeError",
     "UnusableSocketError",
 ]

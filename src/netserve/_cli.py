@@ -42,6 +42,7 @@ from netserve._target import (
     load_target,
     server_maker,
 )
+from netserve._tls import tls_policy
 from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 __all__ = ["BindAddress", "main", "parse_bind"]
@@ -344,6 +345,33 @@ def _build_parser() -> _Parser:
         "--user", default=_env("user"), help="workers run as this user (switched after the fork)"
     )
     parser.add_argument("--group", default=_env("group"), help="workers run as this group")
+    parser.add_argument(
+        "--certfile",
+        default=_env("certfile"),
+        metavar="FILE",
+        help="serve TLS with this certificate",
+    )
+    parser.add_argument(
+        "--keyfile", default=_env("keyfile"), metavar="FILE", help="its key (else in --certfile)"
+    )
+    parser.add_argument(
+        "--ca-certs",
+        default=_env("ca-certs"),
+        metavar="FILE",
+        help="CA certificates to check client certificates against",
+    )
+    parser.add_argument(
+        "--cert-reqs",
+        choices=["none", "optional", "required"],
+        default=_env("cert-reqs"),
+        help="client certificates: none (default), optional, required",
+    )
+    parser.add_argument(
+        "--alpn",
+        default=_env("alpn"),
+        metavar="LIST",
+        help="ALPN protocols offered, comma-separated (e.g. h2,http/1.1)",
+    )
     parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
     parser.add_argument("--chdir", default=_env("chdir"), metavar="DIR")
     parser.add_argument("--pid", default=_env("pid"), metavar="FILE")
@@ -419,6 +447,7 @@ def _serve_target(args: argparse.Namespace) -> int:
             raise _UsageError(f"--umask {args.umask!r} is not an octal number") from None
     _configure_logging(args.log_level, args.log_format)
     attributes = _proxy_options(args)
+    attributes.update(_tls_options(args))
     # Imported here first, whatever --preload says: a mistake in the import
     # string is then one line and status 2, before anything is bound.
     before = set(sys.modules)
@@ -465,7 +494,10 @@ def _serve_target(args: argparse.Namespace) -> int:
             # Checked here, not first in the workers: a contradiction is the
             # user's mistake (one line, status 2), not a worker that fails.
             for sock in sockets:
-                proxy_policy(SimpleNamespace(**attributes, address_family=sock.family))
+                settings = SimpleNamespace(**attributes, address_family=sock.family)
+                proxy_policy(settings)
+                # The files are read here too: a missing one is one line, status 2.
+                tls_policy(settings)
         supervisor = Supervisor(
             make_servers,
             sockets,
@@ -506,6 +538,26 @@ def _configure_logging(level: str, form: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The server attributes the TLS options set. Each worker builds its own
+    context from the files, so a HUP's new workers load the certificate afresh."""
+    if args.certfile is None:
+        for name in ("keyfile", "ca_certs", "cert_reqs", "alpn"):
+            if getattr(args, name) is not None:
+                raise _UsageError(f"--{name.replace('_', '-')} is for TLS: give --certfile")
+        return {}
+    if args.udp:
+        raise _UsageError("TLS needs a stream socket: Python's ssl module has no DTLS for --udp")
+    options: dict[str, Any] = {"tls_certfile": args.certfile, "tls_keyfile": args.keyfile}
+    if args.ca_certs is not None:
+        options["tls_ca_certs"] = args.ca_certs
+    if args.cert_reqs is not None:
+        options["tls_cert_reqs"] = args.cert_reqs
+    if args.alpn:
+        options["tls_alpn"] = [name.strip() for name in args.alpn.split(",") if name.strip()]
+    return options
 
 
 def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:

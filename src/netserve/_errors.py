@@ -17,6 +17,7 @@ __all__ = [
     "ProxyProtocolError",
     "SocketActivationError",
     "StageError",
+    "TLSHandshakeError",
     "UnusableSocketError",
 ]
 
@@ -63,6 +64,14 @@ class ProxyProtocolError(StageError):
 
     The spec's answer to anything invalid is to abort the connection: the
     stage closes it, counted as a stage failure.
+    """
+
+
+class TLSHandshakeError(StageError):
+    """A TLS handshake failed (a bad or plain-text client, a peer gone mid-way).
+
+    The stage closes the connection, counted as a stage failure; the reason is
+    logged (rate-limited) on ``netserve.tls``.
     """
 
 

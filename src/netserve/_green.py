@@ -83,6 +83,8 @@ log = get_logger("hub")
 limits_log = get_logger("limits")
 
 _T = TypeVar("_T")
+# What wakes a greenlet whose wait for a handshake slot ran out.
+_SLOT_EXPIRED = object()
 
 
 def green_sleep(seconds: float) -> None:
@@ -148,6 +150,8 @@ class GreenMixIn(_MixInBase):
 
     _netserve_handles_inline = False
     _netserve_fast_interrupt = True
+    # TLS on an SSLObject over the cooperative socket (a GreenTLSSocket, see _tls).
+    _netserve_tls_cooperative = True
     # Unix sockets: a stale file left by a killed server is replaced, and the
     # file is removed on close (docs/deploying.md).
     unix_replace_stale = True
@@ -518,6 +522,37 @@ class GreenMixIn(_MixInBase):
         """An immutable snapshot of the server's counters, and its greenlets."""
         base = super().statistics()
         return HubStatistics(**vars(base), greenlets=len(self._green_greenlets))
+
+    def _netserve_stage_wait_slot(self, conn: Connection, deadline: float | None) -> None:
+        """Wait in the connection's greenlet until ``conn.ticket`` is granted
+        (a TLS handshake slot: see _tls); grants come on the hub's thread."""
+        remaining = None if deadline is None else deadline - self._netserve_table.clock()
+        check_deadline(remaining)
+        hub = self._green_hub
+        current = getcurrent()
+        waiting = [True]
+
+        def wake() -> None:
+            if waiting[0]:
+                waiting[0] = False
+                hub.schedule(current)
+
+        def expire(_: Any) -> None:
+            if waiting[0]:
+                waiting[0] = False
+                current.switch(_SLOT_EXPIRED)
+
+        conn.ticket.wake = wake
+        timer = None if remaining is None else hub.call_at(hub.clock() + remaining, expire, None)
+        try:
+            assert hub.greenlet is not None
+            outcome = hub.greenlet.switch()
+        finally:
+            waiting[0] = False
+            if timer is not None:
+                timer.cancel()
+        if outcome is _SLOT_EXPIRED:
+            check_deadline(0.0)
 
     def _netserve_stage_wait(self, conn: Connection, write: bool, deadline: float | None) -> None:
         """Wait in the connection's greenlet until its socket is ready (see _stages)."""

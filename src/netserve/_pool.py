@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import _socket
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -58,6 +59,7 @@ from netserve._limits import Timeouts
 from netserve._log import RateLimitedLog, get_logger
 from netserve._servers import BaseServer, TCPServer, UDPServer
 from netserve._stages import (
+    BUSY,
     DONE,
     WRITE,
     Connection,
@@ -305,6 +307,8 @@ class ThreadPoolMixIn(_MixInBase):
         # through handle_request() in between): at most one poll's worth.
         self._netserve_overflow: collections.deque[_Job] = collections.deque()
         self._netserve_park_timeouts = 0
+        # Parked connections given a handshake slot, to advance (see _tls).
+        self._netserve_granted: list[int] = []
         self._netserve_selector_now: selectors.BaseSelector | None = None
         self._netserve_park_watched = False
         super().__init__(*args, **kwargs)
@@ -424,6 +428,12 @@ class ThreadPoolMixIn(_MixInBase):
         if want == DONE:
             self._netserve_unpark(fd)
             self._netserve_staged.append((conn.request, conn.client_address, conn))
+        elif want == BUSY:
+            # Waiting for a handshake slot: unwatched (its bytes stay in the
+            # kernel) until the ticket is granted, on this thread (see _tls).
+            assert self._netserve_park_sets is not None
+            self._netserve_park_sets[1].modify(fd, 0)
+            conn.ticket.wake = functools.partial(self._netserve_granted.append, fd)
         else:
             assert self._netserve_park_sets is not None
             events = select.EPOLLOUT if want == WRITE else select.EPOLLIN
@@ -485,6 +495,7 @@ class ThreadPoolMixIn(_MixInBase):
     def _netserve_before_wait(
         self, selector: selectors.BaseSelector, poll_interval: float | None
     ) -> float | None:
+        self._netserve_advance_granted()
         pool = self._netserve_pool_state
         # Requests that found the queue full go first, then connections whose
         # stages are done (both already accepted, both waiting for a worker).
@@ -507,7 +518,19 @@ class ThreadPoolMixIn(_MixInBase):
             else:
                 selector.unregister(self._netserve_park_sets[0])
             self._netserve_park_watched = room
-        return self._netserve_expire_parked(poll_interval)
+        wait = self._netserve_expire_parked(poll_interval)
+        if self._netserve_granted:  # slots freed by expiries: go on at once
+            self._netserve_advance_granted()
+            return 0.0
+        return wait
+
+    def _netserve_advance_granted(self) -> None:
+        granted = self._netserve_granted
+        while granted:
+            fd = granted.pop(0)
+            parked = self._netserve_parked.get(fd)
+            if parked is not None and parked.conn is not None:
+                self._netserve_advance(fd, parked)
 
     def _netserve_saturated(self) -> None:
         """Every worker is busy and the queue is full: new connections wait in the
@@ -574,6 +597,8 @@ class ThreadPoolMixIn(_MixInBase):
                 self._netserve_overflow.append((parked.request, parked.client_address, None))
                 continue
             table.refuse(parked.request)
+            if parked.conn is not None and parked.conn.holder is not None:
+                parked.conn.holder.abandon(parked.conn, None)
             self.shutdown_request(parked.request)
             if parked.conn is not None and parked.conn.request is not parked.request:
                 self.shutdown_request(parked.conn.request)

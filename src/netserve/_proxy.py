@@ -13,7 +13,8 @@ handler sees.
   ``verify_request()`` (which keeps its stdlib arguments: the proxy's address).
 * As the connection's first stage (``_stages``): the header is read off the
   stream, bounded by the stage deadline and by the parser's size limits; the
-  bytes read past it go back to the handler. The handler's ``client_address``
+  bytes after it stay in the socket for the next stage (TLS) or the handler:
+  the stage reads exactly the header. The handler's ``client_address``
   becomes the header's source, in the shape ``getpeername()`` gives for its
   family; a LOCAL header (a health check) and v1's UNKNOWN keep the socket's.
   ``proxy_header(self.request)`` gives the handler the parsed header.
@@ -40,7 +41,7 @@ from typing import Any
 
 from netserve._errors import ConfigurationError, ProxyProtocolError
 from netserve._log import RateLimitedLog, get_logger
-from netserve._proxyproto import MAX_HEADER_SIZE, ProxyHeader, Version, parse_header
+from netserve._proxyproto import V1_MAX_SIZE, V2_SIGNATURE, ProxyHeader, Version, parse_header
 from netserve._stages import DONE, READ, Connection, Stage
 
 __all__ = ["ProxyPolicy", "ProxyStage", "proxy_header", "proxy_policy"]
@@ -48,6 +49,8 @@ __all__ = ["ProxyPolicy", "ProxyStage", "proxy_header", "proxy_policy"]
 log = get_logger("proxy")
 
 _VERSIONS = ("v1", "v2", "any")
+_SIGNATURE_SIZE = len(V2_SIGNATURE)
+_V2_FIXED = 16  # the signature, version and command, family, length
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The header each connection's stage parsed, by the accepted socket. Weak: the
@@ -91,10 +94,13 @@ class ProxyStage(Stage):
 
     def advance(self, conn: Connection) -> int:
         while True:
-            # Read ahead (one recv for a header and the request behind it, as
-            # both usually come in one segment); the parser says "more" only
-            # below MAX_HEADER_SIZE, so the read size stays positive.
-            chunk = conn.recv(MAX_HEADER_SIZE - len(self.buffer))
+            # Exactly the header's bytes, never one past it: the stage after
+            # this one (TLS) reads the socket itself, so nothing can be pushed
+            # back. The parser still sees every byte as it comes.
+            want = self._wanted(conn)
+            if want is None:
+                return READ
+            chunk = conn.recv(want)
             if chunk is None:
                 return READ
             if not chunk:
@@ -107,9 +113,28 @@ class ProxyStage(Stage):
         if header.source is not None:
             conn.client_address = header.source
         _headers[conn.sock] = header
-        conn.pushback(self.buffer[used:])
+        conn.pushback(self.buffer[used:])  # nothing, as read above
         self.buffer = b""
         return DONE
+
+    def _wanted(self, conn: Connection) -> int | None:
+        """How many bytes the header has left at least (None: none has come)."""
+        buffer = self.buffer
+        size = len(buffer)
+        # Twelve: v2's signature, and less than the shortest v1 header (15).
+        if size < _SIGNATURE_SIZE:
+            return _SIGNATURE_SIZE - size
+        if buffer.startswith(V2_SIGNATURE):
+            if size < _V2_FIXED:
+                return _V2_FIXED - size
+            return _V2_FIXED + int.from_bytes(buffer[14:16], "big") - size
+        # v1: through the line's end if it is there, else all there is (all of
+        # it header, up to v1's limit, which the parser enforces).
+        peeked = conn.peek(V1_MAX_SIZE + 1 - size)
+        if not peeked:
+            return None if peeked is None else 1  # 1: recv() then reports the close
+        end = peeked.find(b"\n")
+        return len(peeked) if end < 0 else end + 1
 
 
 class ProxiedDatagramSocket:

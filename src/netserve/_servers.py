@@ -40,6 +40,7 @@ import os
 import select
 import selectors
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -58,12 +59,13 @@ from netserve._connections import (
     outcome_base,
 )
 from netserve._connections import timed_out as timeout_outcome
-from netserve._errors import StageError
+from netserve._errors import ConfigurationError, StageError
 from netserve._limits import TimedAccept, Timeouts, fault_of
 from netserve._log import RateLimitedLog, get_logger
 from netserve._loop import StopControl, drain
 from netserve._proxy import ProxyPolicy, proxy_policy
 from netserve._stages import Connection, Stage, check_deadline, run_stages
+from netserve._tls import TLSPolicy, tls_policy
 from netserve._unix import FileIdentity, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
@@ -147,6 +149,27 @@ class BaseServer:
     # networks, "unix"), which it requires. Others are refused (docs in _proxy).
     proxy_protocol: str | None = None
     proxy_trusted: Any = None
+    # TLS (docs/tls.md), on stream servers: an ssl.SSLContext of your own, or
+    # a certificate (and key) file from which one is built (TLS 1.2 at least);
+    # with the built one, client certificates checked against tls_ca_certs as
+    # tls_cert_reqs says ("none", "optional", "required"), the ALPN protocols
+    # offered, and a certificate per SNI name ({name: certfile or (cert, key)}).
+    tls_context: ssl.SSLContext | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_ca_certs: str | None = None
+    tls_cert_reqs: Any = "none"
+    tls_alpn: list[str] | None = None
+    tls_sni: dict[str, Any] | None = None
+    # Handshakes in progress at once; over it a connection waits, parked, within
+    # stage_timeout. 64: a handshake is ~1 ms of CPU but may wait on the network
+    # for seconds, so slow clients get room, while a flood of handshakes (the
+    # cheapest attack on a two-core machine) holds at most 64 TLS sessions'
+    # memory and the CPU of a few at a time.
+    tls_max_handshakes: int = 64
+    # Whether the handshake runs on an SSLObject over the cooperative socket
+    # (the hub) rather than an SSLSocket.
+    _netserve_tls_cooperative: bool = False
     # Whether leaving a ``with`` block on KeyboardInterrupt ends the open
     # connections at once (the pool and the hub) instead of waiting for them.
     _netserve_fast_interrupt: bool = False
@@ -158,6 +181,8 @@ class BaseServer:
     _netserve_has_stages: ClassVar[bool] = False
     # The PROXY protocol policy, from the two attributes above (None: off).
     _netserve_proxy: ProxyPolicy | None = None
+    # The TLS policy, from the tls_* attributes (None: no TLS).
+    _netserve_tls: TLSPolicy | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -176,6 +201,10 @@ class BaseServer:
         if proxy is not None:
             self._netserve_proxy = proxy
             vars(self)["_netserve_has_stages"] = True  # its stage, whatever the class
+        tls = tls_policy(self, cooperative=self._netserve_tls_cooperative)
+        if tls is not None:
+            self._netserve_tls = tls
+            vars(self)["_netserve_has_stages"] = True
         # Set by drain(): read by the loop (a plain bool, every pass) and
         # waited on by handlers (the event).
         self._netserve_is_draining = False
@@ -608,11 +637,17 @@ class BaseServer:
             if stages:
                 staged = Connection(request, client_address, self._netserve_stage_deadline())
                 try:
-                    run_stages(staged, stages, self._netserve_stage_wait)
+                    run_stages(
+                        staged, stages, self._netserve_stage_wait, self._netserve_stage_wait_slot
+                    )
                 except (StageError, OSError) as exc:  # ConnectionTimeout is an OSError
                     return self._netserve_stage_failed(staged, exc)
                 except Exception:
                     return self._netserve_stage_bug(staged)
+                except BaseException:
+                    if staged.holder is not None:  # ended (the hub's abort): the slot back
+                        staged.holder.abandon(staged, None)
+                    raise
         elif staged is None and self._netserve_proxy is not None:
             # A datagram behind a proxy: its own header first (see _proxy).
             try:
@@ -633,6 +668,9 @@ class BaseServer:
             # finds the request counted.
             self._netserve_table.finish(original, outcome)
             self.shutdown_request(request)
+            if staged is not None and staged.sock is not request:
+                # A stage's socket over the accepted one (TLS) has its own descriptor.
+                staged.sock.close()
         return outcome
 
     def _netserve_ended_by(
@@ -659,8 +697,19 @@ class BaseServer:
         """Fresh stages for one new stream connection, in order; a mix-in adds its
         own to what ``super()`` returns. Called only in classes that override it,
         or that speak the PROXY protocol (whose stage comes first)."""
-        proxy = self._netserve_proxy
-        return [] if proxy is None else [proxy.stage()]
+        proxy, tls = self._netserve_proxy, self._netserve_tls
+        stages: list[Stage] = [] if proxy is None else [proxy.stage()]
+        if tls is not None:
+            stages.append(tls.stage())
+        return stages
+
+    def reload_certificates(self, context: ssl.SSLContext | None = None) -> None:
+        """Load the TLS certificates afresh from their files (or take ``context``):
+        new handshakes use them, open connections keep their session."""
+        tls = self._netserve_tls
+        if tls is None:
+            raise ConfigurationError("this server does not speak TLS")
+        tls.reload(context)
 
     def _netserve_stage_deadline(self) -> float | None:
         limit = self.stage_timeout
@@ -675,10 +724,18 @@ class BaseServer:
         poller.register(conn.sock, select.POLLOUT if write else select.POLLIN)
         poller.poll(None if remaining is None else math.ceil(remaining * 1000))
 
+    def _netserve_stage_wait_slot(self, conn: Connection, deadline: float | None) -> None:
+        """Wait, blocking this thread, until ``conn.ticket`` is granted (a slot)."""
+        remaining = None if deadline is None else deadline - self._netserve_table.clock()
+        check_deadline(remaining)
+        conn.ticket.event.wait(remaining)
+
     def _netserve_stage_failed(self, conn: Connection, exc: BaseException) -> int:
         """A connection's stages failed: counted, logged quietly, closed; never
         ``handle_error()`` (a bad or slow peer is not a bug in the server)."""
         timed_out = isinstance(exc, TimeoutError)
+        if conn.holder is not None:
+            conn.holder.abandon(conn, exc)
         self._netserve_table.stage_failed(conn.sock, timed_out=timed_out)
         _stage_log.debug(
             "connection from %s closed in stage %d: %r", conn.client_address, conn.stage, exc
@@ -690,6 +747,8 @@ class BaseServer:
         """A stage raised something other than a failure: a bug in the server,
         reported through ``handle_error()`` as a handler's would be."""
         self.handle_error(conn.request, conn.client_address)
+        if conn.holder is not None:
+            conn.holder.abandon(conn, None)
         table = self._netserve_table
         table.stage_failed(conn.sock, timed_out=False)
         table.error()

@@ -26,6 +26,13 @@ to wait for more would spin under the first. Bytes a stage read beyond what it
 needed go back with ``pushback()``: the handler then reads them first, through
 ``self.request.recv()`` and ``rfile`` alike.
 
+Rule 2b: a stage that must wait for something other than its socket (a TLS
+handshake over the cap) returns ``BUSY`` with ``conn.ticket`` set; the driver
+stops watching the socket (its bytes stay in the kernel) until the ticket is
+granted. A stage that holds something (a handshake's slot) sets
+``conn.holder``: every driver calls ``holder.abandon(conn, exc)`` when the
+connection fails or times out in its stages.
+
 Rule 3: every stage of a connection shares one deadline (``stage_timeout``
 from the connection's accept). Past it the connection is closed and counted
 as a time-out; a stage that rejects its peer raises ``StageError``, and the
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = [
+    "BUSY",
     "DONE",
     "READ",
     "WRITE",
@@ -59,8 +67,9 @@ __all__ = [
     "run_stages",
 ]
 
-#: What ``Stage.advance()`` returns.
-DONE, READ, WRITE = 0, 1, 2
+#: What ``Stage.advance()`` returns. BUSY: wait for a slot (the TLS handshake
+#: cap); the stage has set ``conn.ticket``, which the driver waits on.
+DONE, READ, WRITE, BUSY = 0, 1, 2, 3
 
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 # The C methods, past any cooperative override (GreenSocket's would wait).
@@ -71,7 +80,7 @@ _send = _socket.socket.send
 class Connection:
     """A connection on its way to the handler: what the stages work on."""
 
-    __slots__ = ("client_address", "deadline", "request", "sock", "stage")
+    __slots__ = ("client_address", "deadline", "holder", "request", "sock", "stage", "ticket")
 
     def __init__(self, sock: socket.socket, client_address: Any, deadline: float | None) -> None:
         #: The accepted socket. Stages read and write it only through recv(),
@@ -85,11 +94,24 @@ class Connection:
         self.deadline = deadline
         #: The index of the stage in progress (drivers keep it).
         self.stage = 0
+        #: A stage holding something to give back if the connection fails
+        #: (``abandon(conn, exc)``: a TLS handshake's slot), or None.
+        self.holder: Any = None
+        #: While a stage returned BUSY: the ``_tls.Ticket`` to wait on.
+        self.ticket: Any = None
 
     def recv(self, size: int) -> bytes | None:
         """Up to ``size`` bytes; b"" once the peer has closed; None if none came yet."""
         try:
             data: bytes = _recv(self.sock, size, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        return data
+
+    def peek(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes, left in the socket; b"" at its end; None if none came."""
+        try:
+            data: bytes = _recv(self.sock, size, _PEEK_NOW)
         except BlockingIOError:
             return None
         return data
@@ -131,7 +153,7 @@ def advance_stages(conn: Connection, stages: Sequence[Stage]) -> int:
         want = stages[conn.stage].advance(conn)
         if want == DONE:
             conn.stage += 1
-        elif want in (READ, WRITE):
+        elif want in (READ, WRITE, BUSY):
             return want
         else:
             raise StageError(f"{stages[conn.stage]!r}.advance() returned {want!r}")
@@ -142,11 +164,16 @@ def run_stages(
     conn: Connection,
     stages: Sequence[Stage],
     wait: Callable[[Connection, bool, float | None], None],
+    wait_slot: Callable[[Connection, float | None], None],
 ) -> None:
-    """Run every stage, waiting through ``wait(conn, write, deadline)`` (which
-    raises ``ConnectionTimeout`` when the deadline passes)."""
+    """Run every stage, waiting through ``wait(conn, write, deadline)`` for the
+    socket and ``wait_slot(conn, deadline)`` for ``conn.ticket`` (both raise
+    ``ConnectionTimeout`` when the deadline passes)."""
     while (want := advance_stages(conn, stages)) != DONE:
-        wait(conn, want == WRITE, conn.deadline)
+        if want == BUSY:
+            wait_slot(conn, conn.deadline)
+        else:
+            wait(conn, want == WRITE, conn.deadline)
 
 
 def check_deadline(remaining: float | None) -> None:
