@@ -282,6 +282,112 @@ def test_a_datagram_from_an_untrusted_peer_is_refused(model: str) -> None:
     assert (stats.refused, stats.handled, stats.stage_failures) == (1, 1, 0)
 
 
+# -- verify_client(): the hook after the stages, with the original client -----------------
+
+ALLOWED = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("127.0.0.2/32")]
+
+
+class AllowList:
+    """verify_client() as an allow-list of the original clients."""
+
+    def verify_client(self, request: Any, client_address: Any) -> bool:
+        return any(ipaddress.ip_address(client_address[0]) in net for net in ALLOWED)
+
+
+def exchange_from(source: str, address: Any, data: bytes) -> bytes:
+    with socket.socket() as client:
+        client.settimeout(10)
+        client.bind((source, 0))
+        client.connect(address)
+        try:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            return recv_all(client)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+def test_verify_client_sees_the_original_client_of_a_stream(model: str) -> None:
+    # Behind a proxy: the header's source decides, not the proxy's address.
+    proxied = type("Server", (AllowList, make(model)), {})(("127.0.0.1", 0), Report)
+    with Serving(proxied, close=False) as serving:
+        allowed = b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n"
+        got, rest = exchange(serving.address, allowed)
+        assert (got[0]["client"], rest) == ("('203.0.113.7', 5555)", b"hi\n")
+        refused = v2(1, 0x11, socket.inet_aton("198.51.100.4") + bytes(8)) + b"hi\n"
+        assert closed_unheard(serving.address, refused)
+    proxied.server_close()
+    stats = proxied.statistics()
+    assert (stats.handled, stats.refused, stats.stage_failures, stats.errors) == (1, 1, 0, 0)
+    assert (stats.active, proxied.errors) == (0, [])
+    # Without the protocol: the peer's own address.
+    plain = type("Server", (AllowList, Quiet, MODELS[model].tcp), {"errors": []})
+    server = plain(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        seen, _, rest = exchange_from("127.0.0.2", serving.address, b"hi\n").partition(b"\n")
+        assert json.loads(seen)["client"].startswith("('127.0.0.2', ")
+        assert rest == b"hi\n"
+        assert exchange_from("127.0.0.3", serving.address, b"hi\n") == b""
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.refused, stats.errors, stats.active) == (1, 1, 0, 0)
+    assert server.errors == []
+
+
+class Echo(netserve.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(repr(self.client_address).encode() + b"\n" + self.rfile.read())
+
+
+def test_verify_client_sees_the_original_client_of_a_datagram(model: str) -> None:
+    def header(source: str) -> bytes:
+        return v2(1, 0x12, socket.inet_aton(source) + bytes(4) + b"\x13\x88\x00\x35")
+
+    proxied = type("Server", (AllowList, make(model, "udp")), {})(("127.0.0.1", 0), Echo)
+    with Serving(proxied, close=False) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as proxy:
+            proxy.bind(("127.0.0.1", 0))
+            proxy.sendto(header("198.51.100.4") + b"refused", serving.address)
+        # Datagrams are taken in order: once this one is answered, the other
+        # was taken (and server_close() waits for its request).
+        reply = ask_datagram_from("127.0.0.1", serving.address, header("203.0.113.9") + b"ok")
+        assert reply == b"('203.0.113.9', 5000)\nok"
+    proxied.server_close()
+    stats = proxied.statistics()
+    assert (stats.handled, stats.refused, stats.stage_failures, stats.errors) == (1, 1, 0, 0)
+    assert proxied.errors == []
+    # Without the protocol: the peer's own address.
+    plain = type("Server", (AllowList, Quiet, MODELS[model].udp), {"errors": []})
+    server = plain(("127.0.0.1", 0), Echo)
+    with Serving(server, close=False) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.3", 0))
+            client.sendto(b"refused", serving.address)
+        assert ask_datagram_from("127.0.0.2", serving.address, b"ok").endswith(b"\nok")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.refused, stats.errors) == (1, 1, 0)
+    assert server.errors == []
+
+
+def test_an_exception_in_verify_client_is_handle_errors() -> None:
+    class Failing(Quiet, netserve.ThreadingTCPServer):
+        errors: list[Any] = []
+        proxy_protocol = "v1"
+        proxy_trusted = "127.0.0.1"
+
+        def verify_client(self, request: Any, client_address: Any) -> bool:
+            raise ValueError("a bug in the allow-list")
+
+    server = Failing(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        assert closed_unheard(serving.address, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.errors, stats.refused) == (1, 1, 0)
+    assert server.errors == [("203.0.113.7", 5555)]
+
+
 class Policy:
     proxy_protocol = "any"
     socket_type = socket.SOCK_STREAM
