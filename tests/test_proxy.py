@@ -156,6 +156,32 @@ def test_a_unix_server_without_unix_trusted_says_what_is_wrong(unix_path: str) -
         make("threading", "unix_stream")(unix_path, Report)
 
 
+class ReadsALine(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(b"unbounded\n")  # only if the line had no bound
+
+
+def test_max_line_size_bounds_the_bytes_a_stage_read_ahead(model: str) -> None:
+    server = make(model, max_line_size=64)(("127.0.0.1", 0), ReadsALine)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n"
+    with Serving(server, close=False) as serving:
+        # Past the limit within what the stage read with the header (one write).
+        assert closed_unheard(serving.address, header + b"z" * 200)
+        # An endless line: the header, then a megabyte without a newline.
+        with connect(serving.address) as client:
+            try:
+                client.sendall(header + b"z" * 1_000_000)
+                client.shutdown(socket.SHUT_WR)  # an unbounded readline() ends here
+                reply = recv_all(client)
+            except OSError:  # the server closed (and reset) before it all went
+                reply = b""
+        assert reply == b""
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.lines_too_long, stats.handled, stats.stage_failures) == (2, 2, 0)
+
+
 # -- datagrams: a v2 header on each ------------------------------------------------------
 
 
