@@ -776,6 +776,11 @@ class TCPServer(BaseServer):
     unix_remove_on_close: bool = False
     unix_mode: int | None = None
     _netserve_unix_inode: FileIdentity | None = None
+    # An IPv6 server's socket: True takes IPv4 too (IPV6_V6ONLY off), False
+    # IPv6 only, either set explicitly, as socket.create_server() does (the
+    # new models: False). None leaves it to the host's net.ipv6.bindv6only,
+    # as the stdlib's classes do.
+    dualstack_ipv6: bool | None = None
 
     def __init__(
         self,
@@ -806,6 +811,10 @@ class TCPServer(BaseServer):
             and self.address_family in (socket.AF_INET, socket.AF_INET6)
         ):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.address_family == socket.AF_INET6 and self.dualstack_ipv6 is not None:
+            sock.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dualstack_ipv6 else 1
+            )
         if self.address_family == getattr(socket, "AF_UNIX", None):
             self._netserve_unix_inode = bind_unix(
                 sock,
