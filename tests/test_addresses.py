@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 import netserve
+from netserve._proxyproto import V2_SIGNATURE
 from tests.conftest import LogEvent, Serving, connect, recv_all
+from tests.models import MODELS
 
 
 class Creds(netserve.StreamRequestHandler):
@@ -94,6 +96,27 @@ def test_an_abstract_name_has_no_file() -> None:
     with Serving(server), connect(name, socket.AF_UNIX) as client:
         client.sendall(b"who\n")
         assert recv_all(client).startswith(b"%d " % os.getpid())
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_gives_the_handler_its_peers_credentials(unix_path: str, model: str) -> None:
+    server: Any = MODELS[model].unix_stream(unix_path, Creds)
+    with Serving(server), connect(unix_path, socket.AF_UNIX) as client:
+        client.sendall(b"who\n")
+        assert recv_all(client) == b"%d %d %d\n" % (os.getpid(), os.getuid(), os.getgid())
+
+
+@pytest.mark.parametrize("model", ["threading", "hub"])
+def test_peer_credentials_behind_the_proxy_protocol(unix_path: str, model: str) -> None:
+    # The request is then a stage's PrefixedSocket (bytes read ahead of the handler).
+    cls: Any = type(
+        "Proxied", (MODELS[model].unix_stream,), {"proxy_protocol": "v2", "proxy_trusted": "unix"}
+    )
+    local = V2_SIGNATURE + b"\x20\x00\x00\x00"  # a LOCAL header
+    with cls(unix_path, Creds) as server, Serving(server):
+        with connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(local + b"who\n")
+            assert recv_all(client) == b"%d %d %d\n" % (os.getpid(), os.getuid(), os.getgid())
 
 
 # -- dual stack (issue 13, section 3) --------------------------------------------------
