@@ -1,5 +1,6 @@
 """Addresses that behave (issue 13, section 3): Unix stale files, clean-up,
-mode, abstract names, peer credentials; datagrams past max_packet_size."""
+mode, abstract names, peer credentials; explicit dual stack; datagrams past
+max_packet_size, the receive buffer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 
 import netserve
+from netserve._proxyproto import V2_SIGNATURE
 from tests.conftest import LogEvent, Serving, connect, recv_all
+from tests.models import MODELS
 
 
 class Creds(netserve.StreamRequestHandler):
@@ -93,6 +96,76 @@ def test_an_abstract_name_has_no_file() -> None:
     with Serving(server), connect(name, socket.AF_UNIX) as client:
         client.sendall(b"who\n")
         assert recv_all(client).startswith(b"%d " % os.getpid())
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_gives_the_handler_its_peers_credentials(unix_path: str, model: str) -> None:
+    server: Any = MODELS[model].unix_stream(unix_path, Creds)
+    with Serving(server), connect(unix_path, socket.AF_UNIX) as client:
+        client.sendall(b"who\n")
+        assert recv_all(client) == b"%d %d %d\n" % (os.getpid(), os.getuid(), os.getgid())
+
+
+@pytest.mark.parametrize("model", ["threading", "hub"])
+def test_peer_credentials_behind_the_proxy_protocol(unix_path: str, model: str) -> None:
+    # The request is then a stage's PrefixedSocket (bytes read ahead of the handler).
+    cls: Any = type(
+        "Proxied", (MODELS[model].unix_stream,), {"proxy_protocol": "v2", "proxy_trusted": "unix"}
+    )
+    local = V2_SIGNATURE + b"\x20\x00\x00\x00"  # a LOCAL header
+    with cls(unix_path, Creds) as server, Serving(server):
+        with connect(unix_path, socket.AF_UNIX) as client:
+            client.sendall(local + b"who\n")
+            assert recv_all(client) == b"%d %d %d\n" % (os.getpid(), os.getuid(), os.getgid())
+
+
+# -- dual stack (issue 13, section 3) --------------------------------------------------
+
+
+class Peer(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(self.client_address[0].encode())
+
+
+def peer_seen(address: Any, family: int = socket.AF_INET) -> bytes:
+    with connect(address, family) as client:
+        client.sendall(b"who\n")
+        return recv_all(client)
+
+
+def v6only(server: Any) -> int:
+    return int(server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+
+
+def host_default_v6only() -> int:
+    with socket.socket(socket.AF_INET6) as sock:
+        return int(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+
+
+@pytest.mark.parametrize("base", [netserve.ThreadPoolTCPServer, netserve.GreenTCPServer])
+def test_dual_stack_is_explicit_in_the_new_models(base: type) -> None:
+    # Both stacks when asked: an IPv4 client reaches [::], as a mapped address.
+    both: Any = type("Both", (base,), {"address_family": socket.AF_INET6, "dualstack_ipv6": True})
+    with both(("::", 0), Peer) as server, Serving(server):
+        assert v6only(server) == 0
+        assert peer_seen(("127.0.0.1", server.server_address[1])) == b"::ffff:127.0.0.1"
+    # By default IPv6 only, whatever net.ipv6.bindv6only says.
+    only: Any = type("Only", (base,), {"address_family": socket.AF_INET6})
+    with only(("::", 0), Peer) as server, Serving(server):
+        assert v6only(server) == 1
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", server.server_address[1]))
+        assert peer_seen(("::1", server.server_address[1]), socket.AF_INET6) == b"::1"
+
+
+def test_the_stdlib_classes_leave_dual_stack_to_the_host() -> None:
+    cls: Any = type("V6", (netserve.TCPServer,), {"address_family": socket.AF_INET6})
+    with cls(("::", 0), Peer) as server:
+        assert v6only(server) == host_default_v6only()
+    explicit: Any = type("V6", (cls,), {"dualstack_ipv6": False})
+    with explicit(("::", 0), Peer) as server:
+        assert v6only(server) == 1
 
 
 # -- datagrams (issue 13, section 3) ---------------------------------------------------

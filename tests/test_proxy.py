@@ -3,88 +3,33 @@ in every model, with a raw socket client sending v1 and v2 headers."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
-import random
 import socket
-import struct
-import threading
 from typing import Any
 
 import pytest
 
 import netserve
 from netserve._proxy import proxy_policy
-from netserve._proxyproto import V2_SIGNATURE, crc32c, parse_header
+from netserve._proxyproto import V2_SIGNATURE
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
-
-
-def v2(command: int, family: int, body: bytes) -> bytes:
-    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
-
-
-def tlv(kind: int, value: bytes) -> bytes:
-    return bytes([kind]) + struct.pack("!H", len(value)) + value
-
-
-def v2_inet6_with_tlvs() -> bytes:
-    src = ipaddress.IPv6Address("2001:db8::7").packed
-    dst = ipaddress.IPv6Address("2001:db8::1").packed
-    body = src + dst + struct.pack("!HH", 40000, 443) + tlv(0x02, b"example.org")
-    header = bytearray(v2(1, 0x21, body + tlv(0x03, b"\0\0\0\0")))
-    header[-4:] = struct.pack("!I", crc32c(bytes(header)))
-    return bytes(header)
-
-
-class Report(netserve.StreamRequestHandler):
-    """Answers one line with what it knows of the client, then the line."""
-
-    def handle(self) -> None:
-        header = netserve.proxy_header(self.request)
-        seen = {
-            "client": repr(self.client_address),
-            "command": None if header is None else header.command.name,
-            "authority": None if header is None else header.authority,
-        }
-        line = self.rfile.readline()
-        self.wfile.write(json.dumps(seen).encode() + b"\n" + line)
-
-
-class Quiet:
-    errors: list[Any]
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.errors.append(client_address)
-
-
-def make(model: str, kind: str = "tcp", **attributes: Any) -> Any:
-    base = getattr(MODELS[model], kind)
-    attributes.setdefault("proxy_protocol", "any")
-    attributes.setdefault("proxy_trusted", ["127.0.0.0/8"])
-    return type("Server", (Quiet, base), {"errors": [], **attributes})
+from tests.proxy_fuzz import (
+    CI_CONNECTIONS,
+    Quiet,
+    Report,
+    exchange,
+    make,
+    run_fuzz,
+    v2,
+    v2_inet6_with_tlvs,
+)
 
 
 @pytest.fixture(params=sorted(MODELS))
 def model(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def exchange(address: Any, *pieces: bytes, family: int = socket.AF_INET) -> tuple[Any, bytes]:
-    """Send the pieces one write each, then read the reply: (what the handler saw, the rest)."""
-    with connect(address, family) as client:
-        if family != socket.AF_UNIX:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for piece in pieces:
-            client.sendall(piece)
-        client.shutdown(socket.SHUT_WR)
-        reply = recv_all(client)
-        local = client.getsockname()
-    if not reply:
-        return None, b""
-    seen, _, rest = reply.partition(b"\n")
-    return (json.loads(seen), local), rest
 
 
 def closed_unheard(address: Any, data: bytes) -> bool:
@@ -211,6 +156,32 @@ def test_a_unix_server_without_unix_trusted_says_what_is_wrong(unix_path: str) -
         make("threading", "unix_stream")(unix_path, Report)
 
 
+class ReadsALine(netserve.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(b"unbounded\n")  # only if the line had no bound
+
+
+def test_max_line_size_bounds_the_bytes_a_stage_read_ahead(model: str) -> None:
+    server = make(model, max_line_size=64)(("127.0.0.1", 0), ReadsALine)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n"
+    with Serving(server, close=False) as serving:
+        # Past the limit within what the stage read with the header (one write).
+        assert closed_unheard(serving.address, header + b"z" * 200)
+        # An endless line: the header, then a megabyte without a newline.
+        with connect(serving.address) as client:
+            try:
+                client.sendall(header + b"z" * 1_000_000)
+                client.shutdown(socket.SHUT_WR)  # an unbounded readline() ends here
+                reply = recv_all(client)
+            except OSError:  # the server closed (and reset) before it all went
+                reply = b""
+        assert reply == b""
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.lines_too_long, stats.handled, stats.stage_failures) == (2, 2, 0)
+
+
 # -- datagrams: a v2 header on each ------------------------------------------------------
 
 
@@ -283,6 +254,112 @@ def test_a_datagram_from_an_untrusted_peer_is_refused(model: str) -> None:
     assert (stats.refused, stats.handled, stats.stage_failures) == (1, 1, 0)
 
 
+# -- verify_client(): the hook after the stages, with the original client -----------------
+
+ALLOWED = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("127.0.0.2/32")]
+
+
+class AllowList:
+    """verify_client() as an allow-list of the original clients."""
+
+    def verify_client(self, request: Any, client_address: Any) -> bool:
+        return any(ipaddress.ip_address(client_address[0]) in net for net in ALLOWED)
+
+
+def exchange_from(source: str, address: Any, data: bytes) -> bytes:
+    with socket.socket() as client:
+        client.settimeout(10)
+        client.bind((source, 0))
+        client.connect(address)
+        try:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            return recv_all(client)
+        except OSError:  # reset, a broken pipe, or (shutdown) no longer connected
+            return b""
+
+
+def test_verify_client_sees_the_original_client_of_a_stream(model: str) -> None:
+    # Behind a proxy: the header's source decides, not the proxy's address.
+    proxied = type("Server", (AllowList, make(model)), {})(("127.0.0.1", 0), Report)
+    with Serving(proxied, close=False) as serving:
+        allowed = b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\nhi\n"
+        got, rest = exchange(serving.address, allowed)
+        assert (got[0]["client"], rest) == ("('203.0.113.7', 5555)", b"hi\n")
+        refused = v2(1, 0x11, socket.inet_aton("198.51.100.4") + bytes(8)) + b"hi\n"
+        assert closed_unheard(serving.address, refused)
+    proxied.server_close()
+    stats = proxied.statistics()
+    assert (stats.handled, stats.refused, stats.stage_failures, stats.errors) == (1, 1, 0, 0)
+    assert (stats.active, proxied.errors) == (0, [])
+    # Without the protocol: the peer's own address.
+    plain = type("Server", (AllowList, Quiet, MODELS[model].tcp), {"errors": []})
+    server = plain(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        seen, _, rest = exchange_from("127.0.0.2", serving.address, b"hi\n").partition(b"\n")
+        assert json.loads(seen)["client"].startswith("('127.0.0.2', ")
+        assert rest == b"hi\n"
+        assert exchange_from("127.0.0.3", serving.address, b"hi\n") == b""
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.refused, stats.errors, stats.active) == (1, 1, 0, 0)
+    assert server.errors == []
+
+
+class Echo(netserve.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(repr(self.client_address).encode() + b"\n" + self.rfile.read())
+
+
+def test_verify_client_sees_the_original_client_of_a_datagram(model: str) -> None:
+    def header(source: str) -> bytes:
+        return v2(1, 0x12, socket.inet_aton(source) + bytes(4) + b"\x13\x88\x00\x35")
+
+    proxied = type("Server", (AllowList, make(model, "udp")), {})(("127.0.0.1", 0), Echo)
+    with Serving(proxied, close=False) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as proxy:
+            proxy.bind(("127.0.0.1", 0))
+            proxy.sendto(header("198.51.100.4") + b"refused", serving.address)
+        # Datagrams are taken in order: once this one is answered, the other
+        # was taken (and server_close() waits for its request).
+        reply = ask_datagram_from("127.0.0.1", serving.address, header("203.0.113.9") + b"ok")
+        assert reply == b"('203.0.113.9', 5000)\nok"
+    proxied.server_close()
+    stats = proxied.statistics()
+    assert (stats.handled, stats.refused, stats.stage_failures, stats.errors) == (1, 1, 0, 0)
+    assert proxied.errors == []
+    # Without the protocol: the peer's own address.
+    plain = type("Server", (AllowList, Quiet, MODELS[model].udp), {"errors": []})
+    server = plain(("127.0.0.1", 0), Echo)
+    with Serving(server, close=False) as serving:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.3", 0))
+            client.sendto(b"refused", serving.address)
+        assert ask_datagram_from("127.0.0.2", serving.address, b"ok").endswith(b"\nok")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.refused, stats.errors) == (1, 1, 0)
+    assert server.errors == []
+
+
+def test_an_exception_in_verify_client_is_handle_errors() -> None:
+    class Failing(Quiet, netserve.ThreadingTCPServer):
+        errors: list[Any] = []
+        proxy_protocol = "v1"
+        proxy_trusted = "127.0.0.1"
+
+        def verify_client(self, request: Any, client_address: Any) -> bool:
+            raise ValueError("a bug in the allow-list")
+
+    server = Failing(("127.0.0.1", 0), Report)
+    with Serving(server, close=False) as serving:
+        assert closed_unheard(serving.address, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n")
+    server.server_close()
+    stats = server.statistics()
+    assert (stats.handled, stats.errors, stats.refused) == (1, 1, 0)
+    assert server.errors == [("203.0.113.7", 5555)]
+
+
 class Policy:
     proxy_protocol = "any"
     socket_type = socket.SOCK_STREAM
@@ -318,114 +395,20 @@ def test_trusted_forms() -> None:
     assert proxy_policy(object()) is None  # proxy_protocol unset: off
 
 
-# -- a live fuzz: random and mutated headers against real servers --------------------------
-
-FUZZ_CONNECTIONS = 10_000  # CI scale (issue 13)
-FUZZ_CLIENTS = 4
-
-
-def fuzz_inputs(rng: random.Random, count: int) -> list[bytes]:
-    """Valid headers, mutated ones and noise, each followed by a payload line."""
-    valid = [
-        b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n",
-        b"PROXY TCP6 2001:db8::7 2001:db8::1 1 2\r\n",
-        b"PROXY UNKNOWN\r\n",
-        v2(1, 0x11, bytes(range(12))),
-        v2(0, 0x00, b""),
-        v2_inet6_with_tlvs(),
-    ]
-    inputs = []
-    for _ in range(count):
-        choice = rng.random()
-        data = bytearray(rng.choice(valid))
-        if choice < 0.6:  # mutated
-            for _ in range(rng.randint(1, 3)):
-                at = rng.randrange(len(data))
-                if rng.random() < 0.5:
-                    data[at] ^= 1 << rng.randrange(8)
-                else:
-                    del data[at:]
-                    if not data:
-                        break
-        elif choice < 0.8:  # noise
-            data = bytearray(rng.randbytes(rng.randint(0, 64)))
-        inputs.append(bytes(data) + b"line\n")
-    return inputs
-
-
-def fuzz_client(address: Any, inputs: list[bytes], first_host: int, answered: list[int]) -> None:
-    for n, data in enumerate(inputs):
-        # Rotated over 127.0.0.x: 10,000 connections from one address would
-        # crowd the ephemeral port range with TIME_WAIT.
-        source = f"127.0.0.{(first_host + n) % 250 + 2}"
-        with socket.socket() as client:
-            client.settimeout(10)
-            client.bind((source, 0))
-            client.connect(address)
-            try:
-                client.sendall(data)
-                client.shutdown(socket.SHUT_WR)
-                reply = recv_all(client)
-            except (ConnectionResetError, BrokenPipeError):
-                reply = b""
-            except OSError as exc:
-                # The stage reads exactly the header, so a refused one may leave
-                # bytes unread: the close is then a reset, before our shutdown.
-                if exc.errno != errno.ENOTCONN:
-                    raise
-                reply = b""
-        try:
-            result = parse_header(data)
-        except netserve.ProxyProtocolError:
-            result = None
-        if result is None:  # the parser refuses it, or it stops short: no handler
-            assert reply == b"", (data, reply)
-        else:
-            seen, _, rest = reply.partition(b"\n")
-            expected = result[0].source or (source, client_port(seen))
-            assert json.loads(seen)["client"] == repr(expected), (data, reply)
-            assert rest == data[result[1] :], (data, reply)
-            answered.append(1)
-
-
-def client_port(seen: bytes) -> int:
-    return int(json.loads(seen)["client"].rsplit(", ", 1)[1].rstrip(")"))
+# -- a live fuzz: random and mutated headers against real servers (tests/proxy_fuzz.py) ----
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("model", ["threading", "hub"])
 def test_a_live_fuzz_of_headers_leaves_the_server_serving(model: str) -> None:
-    rng = random.Random(13)
-    inputs = fuzz_inputs(rng, FUZZ_CONNECTIONS)
-    server = make(model, proxy_trusted=["127.0.0.0/8"])(("127.0.0.1", 0), Report)
-    answered: list[int] = []
-    with Serving(server, close=False) as serving:
-        share = len(inputs) // FUZZ_CLIENTS
-        failures: list[BaseException] = []
-
-        def run(index: int) -> None:
-            try:
-                part = inputs[index * share : (index + 1) * share]
-                fuzz_client(serving.address, part, index * 61, answered)
-            except BaseException as exc:
-                failures.append(exc)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(FUZZ_CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert failures == []
-        # Still serving.
-        got, rest = exchange(serving.address, b"PROXY TCP4 203.0.113.9 192.0.2.1 9 80\r\nok\n")
-        assert (got[0]["client"], rest) == ("('203.0.113.9', 9)", b"ok\n")
-    server.server_close()
-    stats = server.statistics()
-    assert stats.handled == len(answered) + 1
-    assert stats.handled + stats.stage_failures == FUZZ_CONNECTIONS + 1
+    run = run_fuzz(model, CI_CONNECTIONS)
+    assert run.failures == []
+    stats = run.stats
+    assert stats.handled == run.answered + 1
+    assert stats.handled + stats.stage_failures == CI_CONNECTIONS + 1
     assert (stats.errors, stats.active, stats.refused) == (0, 0, 0)
-    assert server.errors == []
-    assert 0 < len(answered) < FUZZ_CONNECTIONS
+    assert run.errors == []
+    assert 0 < run.answered < CI_CONNECTIONS
 
 
 @pytest.mark.parametrize("model", ["threading", "pool", "hub"])

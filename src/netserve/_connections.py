@@ -44,6 +44,7 @@ __all__ = [
     "FAILED",
     "HANDLED",
     "LINE_TOO_LONG",
+    "REFUSED",
     "STAGE_FAILED",
     "TIMED_OUT",
     "TIMEOUT_KINDS",
@@ -56,8 +57,10 @@ __all__ = [
 
 # How a request ended, as the request runner reports it (and a forking child's
 # exit status carries it to the parent: 0 and 1 are the stdlib's). The first
-# four are exits; the flags below are added to HANDLED or FAILED.
+# five are exits; the flags below are added to HANDLED or FAILED.
 HANDLED, FAILED, STAGE_FAILED, TIMED_OUT = 0, 1, 2, 3
+# Refused after its stages, by the server's verify_client().
+REFUSED = 4
 # The handler ended because the peer went away (a reset, a broken pipe).
 DISCONNECTED = 8
 # The handler ended on a line longer than the server's max_line_size.
@@ -101,7 +104,7 @@ def outcome_base(outcome: int) -> int:
 
 # The exit statuses a forked child's runner reports.
 _CHILD_OUTCOMES = frozenset(
-    {HANDLED, FAILED, STAGE_FAILED}
+    {HANDLED, FAILED, STAGE_FAILED, REFUSED}
     | {TIMED_OUT | kind << _KIND_SHIFT for kind in range(len(TIMEOUT_KINDS))}
     | {base | flag for base in (HANDLED, FAILED) for flag in (DISCONNECTED, LINE_TOO_LONG)}
 )
@@ -127,9 +130,10 @@ class ServerStatistics:
 
     #: Connections (or datagrams) taken off the listener, refused ones included.
     accepted: int = 0
-    #: Of those, closed without a handler: ``verify_request()`` said no, the
-    #: server shed them while its descriptor table was full, or it closed them
-    #: as it closed (parked, or still queued at ``abort_connections()``).
+    #: Of those, closed without a handler: ``verify_request()`` or
+    #: ``verify_client()`` said no, the server shed them while its descriptor
+    #: table was full, or it closed them as it closed (parked, or still queued
+    #: at ``abort_connections()``).
     refused: int = 0
     #: Requests whose handler finished, with or without an error.
     handled: int = 0
@@ -298,6 +302,8 @@ class ConnectionTable:
             self.timeouts_by_kind[outcome >> _KIND_SHIFT] += 1
         elif base == STAGE_FAILED:
             self.stage_failures += 1
+        elif outcome == REFUSED:
+            self.refused += 1
         else:
             self.handled += 1
             if outcome & FAILED:

@@ -141,7 +141,8 @@ class ForkingMixIn(_MixInBase):
         # The child must never return into the parent's loop or run its cleanup
         # (atexit, finalizers): every path ends in os._exit. The status is the
         # runner's outcome: 0 only when the handler returned normally, 1 when it
-        # raised (as in the stdlib), 2 and 3 for a failed or timed-out stage.
+        # raised (as in the stdlib), 2 and 3 for a failed or timed-out stage,
+        # 4 when verify_client() refused it (the parent counts it as refused).
         status = FAILED
         try:
             # The child never accepts: without its copy of the listener, closing

@@ -58,7 +58,8 @@ def open_reader(conn: Any, bufsize: int, limit: int | None) -> Any:
         if bounded is not None:
             return bounded(conn, bufsize, limit)
     # A socket with netserve's time-outs (_limits.TimedSocket) has a raw file
-    # of its own, which reads through the socket's time-outs.
+    # of its own, which reads through the socket's time-outs; so has a stage's
+    # PrefixedSocket, which reads its read-ahead first (under any socket).
     raw_reader = getattr(cls, "_netserve_raw_reader", None)
     if raw_reader is not None:
         raw = raw_reader(conn)

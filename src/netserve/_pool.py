@@ -258,6 +258,8 @@ class ThreadPoolMixIn(_MixInBase):
     # file is removed on close (docs/deploying.md).
     unix_replace_stale = True
     unix_remove_on_close = True
+    # An IPv6 server takes IPv6 only unless asked for both (docs/addresses.md).
+    dualstack_ipv6: bool | None = False
     # A datagram longer than max_packet_size is dropped and counted, never
     # cut silently (docs/limits.md).
     oversized_datagrams = "drop"

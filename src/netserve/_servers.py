@@ -8,7 +8,7 @@ link of it, so every step below goes through ``self.<hook>``:
     handle_request / serve_forever
       -> get_request -> verify_request -> process_request    (_accept: the one
                                                              accept routine)
-           -> the stages, then finish_request (RequestHandlerClass(...))
+           -> the stages, verify_client, then finish_request (RequestHandlerClass(...))
            -> shutdown_request -> close_request              (the one runner,
                                                  _netserve_run_request)
       errors: Exception -> handle_error, then shutdown_request;
@@ -52,6 +52,7 @@ from netserve._accept import Acceptor
 from netserve._connections import (
     FAILED,
     HANDLED,
+    REFUSED,
     STAGE_FAILED,
     TIMED_OUT,
     ConnectionTable,
@@ -179,6 +180,9 @@ class BaseServer:
     # Whether this class overrides _netserve_stages(): worked out once per class,
     # so that a server without stages asks for none on every connection.
     _netserve_has_stages: ClassVar[bool] = False
+    # Whether this class overrides verify_client(): the default says yes to
+    # everyone, so a server that keeps it makes no call for it per request.
+    _netserve_verifies_client: ClassVar[bool] = False
     # The PROXY protocol policy, from the two attributes above (None: off).
     _netserve_proxy: ProxyPolicy | None = None
     # The TLS policy, from the tls_* attributes (None: no TLS).
@@ -189,6 +193,9 @@ class BaseServer:
         has_stages = cls._netserve_stages is not BaseServer._netserve_stages
         if has_stages != cls._netserve_has_stages:  # set only where it changes
             cls._netserve_has_stages = has_stages
+        verifies = cls.verify_client is not BaseServer.verify_client
+        if verifies != cls._netserve_verifies_client:
+            cls._netserve_verifies_client = verifies
 
     def __init__(self, server_address: _Address, RequestHandlerClass: _HandlerFactory) -> None:
         self.server_address = server_address
@@ -611,6 +618,19 @@ class BaseServer:
         """Return False to refuse the request (it is then shut down unhandled)."""
         return True
 
+    def verify_client(self, request: _Request, client_address: _Address) -> bool:
+        """Return False to refuse the request once its stages are done.
+
+        Where ``verify_request()`` runs on the accept path with the peer's
+        address (behind a proxy, the proxy's), this runs just before the
+        handler, wherever the model runs it, with what the handler would get:
+        ``client_address`` is the original client a PROXY protocol header
+        named (for allow-lists), or the peer's own without one. A refused
+        request is shut down unhandled and counted in ``refused``; an
+        exception here is ``handle_error()``'s, as a handler's would be.
+        """
+        return True
+
     def process_request(self, request: _Request, client_address: _Address) -> None:
         """Run the handler for one request, then shut the request down."""
         self._netserve_run_request(request, client_address)
@@ -626,9 +646,11 @@ class BaseServer:
         sync, a request thread, the forking child, a pool worker, a greenlet):
         the stages (unless the pool already ran them: ``staged``), the handler,
         ``handle_error()`` for an ``Exception``, and ``shutdown_request()``
-        whatever happens. Returns the outcome (``_connections.HANDLED`` ...); any
-        other BaseException propagates (the model decides what it means, and counts
-        it with ``table.error()`` if it reports it).
+        whatever happens. ``verify_client()`` runs between the stages and the
+        handler (in the error guard), when the class overrides it. Returns the
+        outcome (``_connections.HANDLED`` ...); any other BaseException
+        propagates (the model decides what it means, and counts it with
+        ``table.error()`` if it reports it).
         """
         # Counted out as what it was accepted as (a stage may replace it).
         original = request if staged is None else staged.sock
@@ -660,7 +682,11 @@ class BaseServer:
             request, client_address = staged.request, staged.client_address
         outcome = HANDLED
         try:
-            self.finish_request(request, client_address)
+            if self._netserve_verifies_client and not self.verify_client(request, client_address):
+                outcome = REFUSED
+                _stage_log.debug("request from %s refused by verify_client()", client_address)
+            else:
+                self.finish_request(request, client_address)
         except Exception as exc:
             outcome = self._netserve_ended_by(exc, request, client_address)
         finally:
@@ -850,6 +876,11 @@ class TCPServer(BaseServer):
     unix_remove_on_close: bool = False
     unix_mode: int | None = None
     _netserve_unix_inode: FileIdentity | None = None
+    # An IPv6 server's socket: True takes IPv4 too (IPV6_V6ONLY off), False
+    # IPv6 only, either set explicitly, as socket.create_server() does (the
+    # new models: False). None leaves it to the host's net.ipv6.bindv6only,
+    # as the stdlib's classes do.
+    dualstack_ipv6: bool | None = None
 
     def __init__(
         self,
@@ -883,6 +914,10 @@ class TCPServer(BaseServer):
             and self.address_family in (socket.AF_INET, socket.AF_INET6)
         ):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.address_family == socket.AF_INET6 and self.dualstack_ipv6 is not None:
+            sock.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dualstack_ipv6 else 1
+            )
         if self.address_family == getattr(socket, "AF_UNIX", None):
             self._netserve_unix_inode = bind_unix(
                 sock,

@@ -221,6 +221,12 @@ class PrefixedSocket:
             self._prefix = prefix[size:]
         return size
 
+    def _netserve_raw_reader(self) -> Any:
+        """``rfile``'s raw file (see ``_lines.open_reader``): it reads through
+        ``recv_into`` here, so that ``max_line_size`` bounds the lines of the
+        bytes read ahead and of those after them alike."""
+        return self.makefile("rb", 0)
+
     def makefile(self, mode: str = "r", buffering: int | None = None, **text: Any) -> Any:
         """As ``socket.makefile()``; reads come through this object's ``recv_into``."""
         if "r" not in mode:
