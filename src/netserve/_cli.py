@@ -381,6 +381,12 @@ def _build_parser() -> _Parser:
         default=_env("log-level", "info"),
     )
     parser.add_argument(
+        "--access-log",
+        action="store_true",
+        default=bool(_env("access-log")),
+        help="log a line per request on netserve.access: peer, client, duration, bytes, outcome",
+    )
+    parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=_env("log-format", "text"),
@@ -448,6 +454,8 @@ def _serve_target(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.log_format)
     attributes = _proxy_options(args)
     attributes.update(_tls_options(args))
+    if args.access_log:
+        attributes["access_log"] = True
     # Imported here first, whatever --preload says: a mistake in the import
     # string is then one line and status 2, before anything is bound.
     before = set(sys.modules)

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from netserve._accept import Acceptor
+from netserve._access import run_logged
 from netserve._connections import (
     FAILED,
     HANDLED,
@@ -145,6 +146,9 @@ class BaseServer:
     # Whether a client's fault that ends a handler (a reset or broken pipe,
     # LineTooLong) goes to handle_error(), as any exception does in the stdlib.
     client_faults_are_errors: bool = True
+    # One INFO line per request on netserve.access as it ends: peer, the real
+    # client behind a PROXY header, duration, bytes in and out, outcome (_access).
+    access_log: bool = False
     # The PROXY protocol header expected first on each connection (datagram): None
     # (off), "v1", "v2" or "any"; and the peers that send it (addresses,
     # networks, "unix"), which it requires. Others are refused (docs in _proxy).
@@ -639,6 +643,21 @@ class BaseServer:
 
     def _netserve_run_request(
         self, request: _Request, client_address: _Address, staged: Connection | None = None
+    ) -> int:
+        """Run one request (``_netserve_serve_request()``), and log it when the
+        server keeps an access log (``_access``)."""
+        if self.access_log:
+            return run_logged(
+                self._netserve_serve_request,
+                self._netserve_table.clock,
+                request,
+                client_address,
+                staged,
+            )
+        return self._netserve_serve_request(request, client_address, staged)
+
+    def _netserve_serve_request(
+        self, request: _Request, client_address: _Address, staged: Connection | None
     ) -> int:
         """Run one request: its stages, the handler, and the stdlib's error chain.
 

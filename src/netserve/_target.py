@@ -142,8 +142,8 @@ def server_maker(
         target = type(target.__name__, (target,), attributes)
     elif attributes and callable(target):
         raise TargetError(
-            "--proxy-protocol applies to a handler class or a server class, not a factory: "
-            "set proxy_protocol and proxy_trusted on the server it builds"
+            "--proxy-protocol, the TLS options and --access-log apply to a handler class "
+            "or a server class, not a factory: set their attributes on the server it builds"
         )
     if _is_server_class(target):
         handler = getattr(target, "RequestHandlerClass", None)
