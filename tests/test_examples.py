@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -228,3 +229,19 @@ def test_serve_app_example_under_the_command() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+def test_observability_example() -> None:
+    access, *rest = run_example("observability.py").splitlines()
+    entry = json.loads(access)
+    assert (entry["logger"], entry["outcome"], entry["bytes_in"], entry["bytes_out"]) == (
+        "netserve.access",
+        "handled",
+        6,
+        6,
+    )
+    assert rest == [
+        "readyz: 200 ready",
+        "netserve_requests_handled_total 1.0",
+        "readyz: 503 draining",
+    ]
