@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -148,6 +149,16 @@ def connect(address: Any, family: int = socket.AF_INET) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def tool(name: str) -> str:
+    """The path of a real peer program (shared/reference/real-tools.md). A missing
+    one fails, never skips: scripts/test installs it (as root, with apt-get)."""
+    # Debian puts some in sbin, which a user's PATH may lack.
+    for path in (shutil.which(name), f"/usr/sbin/{name}", f"/sbin/{name}"):
+        if path and os.access(path, os.X_OK):
+            return path
+    pytest.fail(f"{name} is missing: apt-get install -y --no-install-recommends {name}")
 
 
 def recv_all(sock: socket.socket) -> bytes:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,7 +26,7 @@ import pytest
 import trustme
 
 import netserve
-from tests.conftest import Serving
+from tests.conftest import Serving, tool
 from tests.models import MODELS
 from tests.test_tls import Certs, Report, ask, certs, make, tls_client
 
@@ -58,16 +57,6 @@ listen health
 """
 # Every TLV HAProxy 2.6 can add to a v2 header.
 OPTIONS = "ssl,ssl-cipher,cert-sig,cert-key,crc32c,unique-id,authority"
-
-
-def haproxy_binary() -> str:
-    path = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
-    )
-    if path is None:
-        # No skip (the suite's rule): scripts/test installs it.
-        pytest.fail("haproxy is missing: apt-get install -y --no-install-recommends haproxy")
-    return path
 
 
 class Seen(netserve.StreamRequestHandler):
@@ -112,7 +101,7 @@ class Seen(netserve.StreamRequestHandler):
 def haproxy(config: str, names: list[str], **values: Any) -> Iterator[dict[str, Any]]:
     """HAProxy running ``config`` (a template), its frontends ``bind fd@{name}`` on
     sockets bound here to port 0; yields their addresses. ``values`` fill the rest."""
-    binary = haproxy_binary()
+    binary = tool("haproxy")
     listeners: dict[str, socket.socket] = {}
     with tempfile.TemporaryDirectory(prefix="ns-haproxy-") as directory:
         try:

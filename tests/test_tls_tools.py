@@ -4,28 +4,14 @@ Debian's image; scripts/test installs them where missing), in every model."""
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
 import subprocess
 from typing import Any
 
-import pytest
-
 import netserve
-from tests.conftest import Serving
+from tests.conftest import Serving, tool
 from tests.test_tls import Certs, certs, make, model
 
 __all__ = ["certs", "model"]
-
-
-def tool(name: str) -> str:
-    """The path of a client program; a missing one fails (no skip: scripts/test installs it)."""
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/bin/{name}") if os.access(p, os.X_OK)), None
-    )
-    if path is None:
-        pytest.fail(f"{name} is missing: apt-get install -y --no-install-recommends {name}")
-    return path
 
 
 class LineOnce(netserve.StreamRequestHandler):
