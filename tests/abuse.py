@@ -739,3 +739,62 @@ async def resetters(
 
     await _run_all(control, window, [one(i) for i in range(count)])
     return result
+
+
+# -- one request each, answered by a close (a handler that raises) ----------------------------
+
+
+@dataclass
+class OneShotResult:
+    #: Connections whose request was sent and which the server then ended.
+    ended: int = 0
+    #: Bytes the server sent before ending them (a raising handler sends none).
+    bytes_received: int = 0
+    #: Connections that failed (connect, send, or no end within the timeout).
+    failed: int = 0
+
+
+async def one_shot(
+    control: Control,
+    address: tuple[str, int],
+    *,
+    count: int,
+    request: bytes,
+    concurrency: int = 32,
+    window: float,
+    sources: tuple[str, ...] = ABUSERS,
+) -> OneShotResult:
+    """``count`` clients, ``concurrency`` at a time, each sending ``request`` on a
+    connection of its own and reading until the server ends it."""
+    loop = asyncio.get_running_loop()
+    result = OneShotResult()
+    control.ready()
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with slots:
+            try:
+                sock = await _open(address, sources[i % len(sources)])
+            except (OSError, TimeoutError):
+                result.failed += 1
+                return
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.sock_sendall(sock, request)
+                    for _ in range(64):  # a short answer at most, then the end
+                        data = await loop.sock_recv(sock, 4096)
+                        if not data:
+                            break
+                        result.bytes_received += len(data)
+                    else:
+                        raise TimeoutError
+                result.ended += 1
+            except _GONE:
+                result.ended += 1
+            except (OSError, TimeoutError):
+                result.failed += 1
+            finally:
+                sock.close()
+
+    await _run_all(control, window, [one(i) for i in range(count)])
+    return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import multiprocessing
 import os
@@ -49,6 +50,7 @@ from tests.abuse import (
     legitimate,
     long_line,
     non_reader,
+    one_shot,
     peak_rss_kib,
     read_line,
     read_to_end,
@@ -68,10 +70,15 @@ _ZEROS = bytes(16 * MiB)
 # -- the server --------------------------------------------------------------------------
 
 
+class HandlerBugError(Exception):
+    """The bug in a handler that raises (the ``raise`` request)."""
+
+
 class LineService(netserve.StreamRequestHandler):
     """The handler of every scenario, a line protocol:
-    ``big N`` is answered with N bytes; a line over 1 KiB with ``line LENGTH``;
-    any other line is echoed."""
+    ``big N`` is answered with N bytes; ``raise`` raises ``HandlerBugError`` (a bug
+    in the handler); a line over 1 KiB with ``line LENGTH``; any other line is
+    echoed."""
 
     def handle(self) -> None:
         for _ in range(1_000_000):  # far more lines than any client here sends
@@ -80,6 +87,8 @@ class LineService(netserve.StreamRequestHandler):
                 return
             if line.startswith(b"big "):
                 self.wfile.write(memoryview(_ZEROS)[: int(line[4:])])
+            elif line == b"raise\n":
+                raise HandlerBugError("the handler's bug")
             elif len(line) > KiB:
                 self.wfile.write(b"line %d\n" % len(line))
             else:
@@ -122,6 +131,17 @@ def _child_pid_count() -> int:
     return count
 
 
+class _LogCount(logging.Handler):
+    """Counts the records netserve's loggers emit, by level name (formats nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.levelname] = self.counts.get(record.levelname, 0) + 1
+
+
 @dataclass
 class _Failure:
     """A command that raised in the server's process, with its traceback."""
@@ -134,6 +154,12 @@ class _ServerSide:
     harness sends it over a pipe, each answered in turn."""
 
     def __init__(self, model: str, attrs: dict[str, Any] | None) -> None:
+        # What netserve logs, at every level (its package logger has only a
+        # NullHandler: nothing is printed either way).
+        self.logs = _LogCount()
+        logger = logging.getLogger("netserve")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self.logs)
         self.server = make_server(model, attrs)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -155,18 +181,23 @@ class _ServerSide:
         self.threads_before = set(threading.enumerate())
         return Probe.now()
 
-    def settle(self, timeout: float) -> int:
+    def settle(self, timeout: float, keep: tuple[str, ...] = ()) -> int:
         """Join the threads started since the baseline; how many still run after
-        ``timeout`` (the serving loop's own thread excepted)."""
+        ``timeout`` (the serving loop's own thread excepted, and threads named in
+        ``keep``, which the model keeps by design: the pool's workers)."""
         deadline = time.monotonic() + timeout
         alive = 0
-        for thread in set(threading.enumerate()) - self.threads_before - {self.thread}:
+        started = set(threading.enumerate()) - self.threads_before - {self.thread}
+        for thread in (t for t in started if t.name not in keep):
             thread.join(max(0.0, deadline - time.monotonic()))
             alive += thread.is_alive()
         return alive
 
     def probe(self) -> Probe:
         return Probe.now()
+
+    def log_counts(self) -> dict[str, int]:
+        return dict(self.logs.counts)
 
     def reset_peak(self) -> int:
         gc.collect()
@@ -335,6 +366,8 @@ class Scale:
     reply_size: int
     line_size: int
     resetters: int
+    #: Requests to a handler that raises (per run).
+    raising: int
     #: The abusive count for sync and forking, whose rows only report: the sync
     #: server holds one connection at a time, and forking forks one child per
     #: connection (a copy of the whole test process).
@@ -356,6 +389,7 @@ CI = Scale(
     reply_size=10 * MiB,
     line_size=20 * MiB,
     resetters=200,
+    raising=1000,
     report_count=20,
     park_timeout=0.5,
     idle_timeout=1.0,
@@ -372,6 +406,7 @@ FULL = Scale(
     reply_size=10 * MiB,
     line_size=200 * MiB,
     resetters=5000,
+    raising=10000,
     report_count=100,
     park_timeout=1.0,
     idle_timeout=2.0,
@@ -606,30 +641,131 @@ def run_long_line(model: str, scale: Scale, attrs: dict[str, Any] | None = None)
     return figures
 
 
+# Threads a model keeps after the requests that started them, by design: the
+# pool's workers (at most max_workers), which wait for the next request.
+KEPT_THREADS = ("netserve-pool-worker",)
+
+
 @dataclass
-class ResetFigures(Outcome):
-    client: ResetResult = field(default_factory=ResetResult)
+class FaultRun:
+    """One run of a fault, and what the server's process held after it."""
+
+    result: Any
+    elapsed: float
+    all_closed: bool
+    threads_left: int
+    after: Probe
+    children: int
+    log_counts: dict[str, int]
+
+
+@dataclass
+class RepeatedFigures(Outcome):
+    """A fault run ``runs`` times in one server process, with its baseline."""
+
     count: int = 0
+    baseline: Probe | None = None
+    baseline_children: int = 0
+    runs: list[FaultRun] = field(default_factory=list)
+
+    @property
+    def rss_growth_kib(self) -> int:
+        """The last run's RSS growth over the run before it (KiB)."""
+        return self.runs[-1].after.rss_kib - self.runs[-2].after.rss_kib
+
+
+def _repeat(
+    h: Harness, figures: RepeatedFigures, runs: int, make: Any, *, window: float, name: str
+) -> None:
+    """Run the client ``make(control)`` ``runs`` times, and after each, once no
+    connection is left and the threads started since the baseline have ended,
+    snapshot what the process holds."""
+    h.ping()  # the model's threads (hub, first pool worker) exist before the baseline
+    figures.baseline = h.call("baseline")
+    figures.baseline_children = h.call("children")
+    for _ in range(runs):
+        started = time.monotonic()
+        result = run(make, window + HARD_GRACE, name)
+        elapsed = time.monotonic() - started
+        all_closed = h.wait_closed(10.0)
+        threads_left = h.call("settle", 5.0, KEPT_THREADS, timeout=5.0 + HARD_GRACE)
+        figures.runs.append(
+            FaultRun(
+                result,
+                elapsed,
+                all_closed,
+                threads_left,
+                h.call("probe"),
+                h.call("children"),
+                h.call("log_counts"),
+            )
+        )
+
+
+@dataclass
+class ResetFigures(RepeatedFigures):
+    client: ResetResult = field(default_factory=ResetResult)
     elapsed: float = 0.0
 
 
 def run_resetters(
-    model: str, scale: Scale, attrs: dict[str, Any] | None = None, *, count: int | None = None
+    model: str,
+    scale: Scale,
+    attrs: dict[str, Any] | None = None,
+    *,
+    count: int | None = None,
+    runs: int = 1,
 ) -> ResetFigures:
-    """``count`` clients reset their connections in the middle of a 1 MiB reply."""
+    """``count`` clients reset their connections in the middle of a 1 MiB reply,
+    ``runs`` times over in the same server (``client`` and ``elapsed``: the first)."""
     attrs = limits(model, scale) if attrs is None else attrs
     count = scale.resetters if count is None else count
     figures = ResetFigures(count=count)
     window = 10.0 + count / 100  # 100 a second is far slower than any model here
     with captured_stderr() as err, Harness(model, attrs) as h:
-        h.ping()
-        started = time.monotonic()
-        figures.client = run(
+        _repeat(
+            h,
+            figures,
+            runs,
             lambda c: resetters(c, h.address, count=count, window=window),
-            window + HARD_GRACE,
-            "resetters",
+            window=window,
+            name="resetters",
         )
-        figures.elapsed = time.monotonic() - started
+        figures.client = figures.runs[0].result
+        figures.elapsed = figures.runs[0].elapsed
+        _finish(h, figures, 10.0)
+    figures.stderr = err.text
+    return figures
+
+
+@dataclass
+class RaisingFigures(RepeatedFigures):
+    pass
+
+
+def run_raising(
+    model: str,
+    scale: Scale,
+    attrs: dict[str, Any] | None = None,
+    *,
+    count: int | None = None,
+    runs: int = 1,
+) -> RaisingFigures:
+    """``count`` requests, each on a connection of its own, to a handler that
+    raises (``HandlerBugError``), ``runs`` times over in the same server."""
+    attrs = limits(model, scale) if attrs is None else attrs
+    count = scale.raising if count is None else count
+    figures = RaisingFigures(count=count)
+    window = 10.0 + count / 50  # 50 a second is far slower than any model here
+    with captured_stderr() as err, Harness(model, attrs) as h:
+        _repeat(
+            h,
+            figures,
+            runs,
+            lambda c: one_shot(c, h.address, count=count, request=b"raise\n", window=window),
+            window=window,
+            name="raising",
+        )
         _finish(h, figures, 10.0)
     figures.stderr = err.text
     return figures
