@@ -75,10 +75,10 @@ Rules:
    is lost. Closing a listener drops the connections queued on it: one
    fewer slot (TTOU) loses those waiting on that slot's listener.
 
-In the worker, the main thread only waits (signals, the supervisor pipe, its
-serving loops ending, a heartbeat timer); each server's ``serve_forever()``
-runs on a thread of its own, so that ``drain()`` is called from outside the
-serving loop, as it expects.
+The worker's side is ``_worker``: its main thread only waits (signals, the
+supervisor pipe, its serving loops ending, a heartbeat timer); each server's
+``serve_forever()`` runs on a thread of its own, so that ``drain()`` is called
+from outside the serving loop, as it expects.
 
 Signals to the supervisor: TERM graceful stop (workers drain; status 0); INT
 and QUIT fast stop (workers close and end their connections at once; status
@@ -108,14 +108,19 @@ from netserve._admin import AdminEndpoint, Response, text
 from netserve._figures import (
     COUNTERS,
     GAUGES,
-    PUBLISH_INTERVAL,
     Board,
-    SlotWriter,
     SupervisorStatistics,
-    figures_of,
 )
 from netserve._metrics import metrics_route
 from netserve._systemd import SystemdNotifier
+from netserve._worker import (
+    READY,
+    RETIRING,
+    WORKER_SIGNALS,
+    WorkerProcess,
+    nonblocking_pipe,
+    wake_only,
+)
 
 __all__ = ["EXIT_WORKER_FAILED", "Supervisor"]
 
@@ -123,15 +128,6 @@ log = logging.getLogger("netserve.supervisor")
 
 #: ``run()``'s status when no worker could start (rule 2).
 EXIT_WORKER_FAILED = 3
-
-# A worker's exit status when make_server() or a hook raised before it served.
-_BOOT_FAILED = 3
-# ... and when a serving loop ended on its own (serve_forever() raised).
-_LOOP_FAILED = 4
-
-_READY = b"R"
-_BEAT = b"."
-_RETIRING = b"D"
 
 # Start-up back-off (rule 2): the first pause, its cap, and how many failures
 # in a row with nothing serving make run() give up (0.1+0.2+0.4+0.8 s: about
@@ -143,45 +139,10 @@ _BOOT_TRIES = 5
 # start: one whose serving loop fails at once must not become a fork loop.
 _EARLY_EXIT = 1.0
 
-# The stdlib's default poll_interval, for servers netserve did not make: a
-# stop waits that long for their loop to look at its flag.
-_FOREIGN_POLL = 0.5
-
-# Messages on a worker's own wake-up pipe, besides signal numbers (1..64).
-_LOOP_ENDED = 0xFF
-_MAX_REQUESTS = 0xFE
-
-_WORKER_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-)
 # The supervisor also wakes when a worker exits.
-_SUPERVISOR_SIGNALS = (*_WORKER_SIGNALS, signal.SIGCHLD)
+_SUPERVISOR_SIGNALS = (*WORKER_SIGNALS, signal.SIGCHLD)
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
-
-
-def _wake_only(signum: int, frame: FrameType | None) -> None:
-    """The Python-level handler: the wake-up fd already carries the signal."""
-
-
-def _nonblocking_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
-
-
-def _send(fd: int, message: bytes) -> None:
-    try:
-        os.write(fd, message)
-    except (BlockingIOError, BrokenPipeError):
-        pass  # a full pipe: the supervisor is not reading; gone: nobody is
 
 
 def _describe(code: int) -> str:
@@ -400,7 +361,7 @@ class Supervisor:
         saved: dict[signal.Signals, _Handler] = {}
         saved_wakeup = -1
         try:
-            self._wake_r, self._wake_w = _nonblocking_pipe()
+            self._wake_r, self._wake_w = nonblocking_pipe()
             self._alive_r, self._alive_w = os.pipe()
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -410,7 +371,7 @@ class Supervisor:
                 self._admin.attach(self._selector)
             saved_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             for signum in _SUPERVISOR_SIGNALS:
-                saved[signum] = signal.signal(signum, _wake_only)
+                saved[signum] = signal.signal(signum, wake_only)
             # A caller may block these signals until this point (the command
             # does, from its banner on): one sent meanwhile is delivered now,
             # to these handlers, instead of killing the process.
@@ -509,7 +470,7 @@ class Supervisor:
         worker.last_seen = now
         if self._boot_failures and worker.ready and now - worker.ready_at >= _EARLY_EXIT:
             self._boot_failures = 0  # one serves: replacements start at once again
-        if _READY in data and not worker.ready:
+        if READY in data and not worker.ready:
             worker.ready = True
             worker.ready_at = now
             log.info("worker %d (pid %d) serving", worker.id, worker.pid)
@@ -518,7 +479,7 @@ class Supervisor:
             elif not self._announced and self._all_serving(self._generation):
                 self._announced = True
                 self._notify("ready", f"{self.workers} workers serving")
-        if _RETIRING in data and not worker.retiring:
+        if RETIRING in data and not worker.retiring:
             worker.retiring = True  # its replacement starts now (rule 1)
             worker.kill_at = now + self.graceful_timeout + self.kill_grace
             log.info("worker %d (pid %d) reached max_requests; draining", worker.id, worker.pid)
@@ -865,7 +826,7 @@ class Supervisor:
         # The worker's signals wait from before the fork until the worker has
         # its own handlers (it unblocks them then): a TERM in between would
         # otherwise reach the supervisor's handler in the child and be lost.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
             pid = os.fork()
         except BaseException:
@@ -884,8 +845,17 @@ class Supervisor:
                 figures = None
                 if figures_slot is not None and self._board is not None:
                     figures = self._board.writer(figures_slot)
-                code = _WorkerProcess(
-                    self, worker_id, w, jitter, mask, listeners=listeners, figures=figures
+                alive = self._alive_r
+                self._close_in_worker(listeners)
+                code = WorkerProcess(
+                    self,
+                    worker_id,
+                    w,
+                    jitter,
+                    mask,
+                    alive=alive,
+                    listeners=listeners,
+                    figures=figures,
                 ).run()
             except BaseException:
                 traceback.print_exc()
@@ -932,211 +902,3 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w, self._alive_w):
             os.close(fd)
         self._children = {}
-
-
-class _WorkerProcess:
-    """One worker, in its own process: build the server, serve, stop when told."""
-
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        worker_id: int,
-        status: int,
-        jitter: int,
-        mask: set[int | signal.Signals],
-        *,
-        listeners: list[Any],
-        figures: SlotWriter | None = None,
-    ) -> None:
-        self.figures = figures  # where the supervisor reads this worker's figures
-        self.listeners = listeners
-        self.mask = mask  # the signal mask to restore once the handlers are set
-        self.sup = supervisor
-        self.id = worker_id
-        self.status = status
-        self.max_requests = supervisor.max_requests + jitter if supervisor.max_requests else 0
-        self.interval = supervisor.timeout / 4
-        self.servers: list[Any] = []
-        self.threads: list[threading.Thread] = []
-        self.passes: list[float] = []
-        self.ctl_r = self.ctl_w = -1
-        self.alive = supervisor._alive_r
-
-    def run(self) -> int:
-        sup = self.sup
-        sup._close_in_worker(self.listeners)
-        os.set_blocking(self.status, False)
-        self.ctl_r, self.ctl_w = _nonblocking_pipe()
-        signal.set_wakeup_fd(self.ctl_w, warn_on_full_buffer=False)
-        for signum in _WORKER_SIGNALS:
-            signal.signal(signum, _wake_only)
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        try:
-            if sup.post_fork is not None:
-                sup.post_fork(self.id)
-            made = sup.make_server(self.listeners)
-            self.servers = list(made) if isinstance(made, list | tuple) else [made]
-            if sup.worker_start is not None:
-                sup.worker_start(made)
-        except BaseException:
-            sys.stderr.write(f"netserve: worker {self.id} (pid {os.getpid()}) failed to start:\n")
-            traceback.print_exc()
-            for server in self.servers:
-                self._close(server)
-            return _BOOT_FAILED
-        start = time.monotonic()
-        self.passes = [start] * len(self.servers)
-        for index, server in enumerate(self.servers):
-            self._watch_passes(index, server)
-            thread = threading.Thread(
-                target=self._serve, args=(server,), name=f"netserve-worker-{self.id}", daemon=True
-            )
-            self.threads.append(thread)
-            thread.start()
-        _send(self.status, _READY)
-        return self._control(start)
-
-    def _watch_passes(self, index: int, server: Any) -> None:
-        """Wrap the server's ``service_actions()``: note each pass of its loop."""
-        original = server.service_actions
-        call_in_loop = getattr(server, "_netserve_call_in_loop", None)
-        passes = self.passes
-        posted = [False]
-        limit = self.max_requests
-        retiring = [False]
-        wake = self.ctl_w
-
-        def note() -> None:
-            posted[0] = False
-            passes[index] = time.monotonic()
-
-        def service_actions() -> None:
-            original()
-            if call_in_loop is None:
-                note()
-            elif not posted[0]:
-                posted[0] = True  # a stuck loop never accumulates calls
-                call_in_loop(note)
-            if limit and not retiring[0] and self._handled() >= limit:
-                retiring[0] = True
-                _send(wake, bytes([_MAX_REQUESTS]))
-
-        server.service_actions = service_actions
-
-    def _handled(self) -> int:
-        total = 0
-        for server in self.servers:
-            statistics = getattr(server, "statistics", None)
-            if statistics is not None:
-                total += statistics().handled
-        return total
-
-    def _serve(self, server: Any) -> None:
-        interval = self.interval
-        if not hasattr(server, "_netserve_call_in_loop"):
-            # Not netserve's: its shutdown() waits up to a poll_interval.
-            interval = min(interval, _FOREIGN_POLL)
-        try:
-            server.serve_forever(poll_interval=interval)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            _send(self.ctl_w, bytes([_LOOP_ENDED]))
-
-    def _publish(self) -> None:
-        if self.figures is not None:
-            self.figures.publish(figures_of(self.servers), os.getpid())
-
-    def _control(self, start: float) -> int:
-        sel = selectors.DefaultSelector()
-        sel.register(self.ctl_r, selectors.EVENT_READ)
-        sel.register(self.alive, selectors.EVENT_READ)
-        beat_sent = start
-        wait = self.interval if self.figures is None else min(self.interval, PUBLISH_INTERVAL)
-        published = 0.0
-        try:
-            while True:
-                if self.figures is not None and time.monotonic() - published >= PUBLISH_INTERVAL:
-                    self._publish()
-                    published = time.monotonic()
-                for key, _ in sel.select(wait):
-                    if key.fd == self.alive:
-                        sys.stderr.write(
-                            f"netserve: worker {self.id} (pid {os.getpid()}): "
-                            "the supervisor is gone; stopping\n"
-                        )
-                        return self._stop(graceful=False, code=0)
-                    for message in os.read(self.ctl_r, 256):
-                        if message == signal.SIGTERM:
-                            return self._stop(graceful=True, code=0)
-                        if message in (signal.SIGINT, signal.SIGQUIT):
-                            return self._stop(graceful=False, code=0)
-                        if message == signal.SIGUSR1 and self.sup.reopen_logs is not None:
-                            try:
-                                self.sup.reopen_logs()
-                            except Exception:
-                                traceback.print_exc()
-                        elif message == _MAX_REQUESTS:
-                            _send(self.status, _RETIRING)
-                            return self._stop(graceful=True, code=0)
-                        elif message == _LOOP_ENDED:
-                            return self._stop(graceful=False, code=_LOOP_FAILED)
-                        # HUP, TTIN, TTOU: meant for the supervisor; ignored.
-                if min(self.passes) > beat_sent:
-                    beat_sent = time.monotonic()
-                    _send(self.status, _BEAT)
-        finally:
-            sel.close()
-
-    def _stop(self, *, graceful: bool, code: int) -> int:
-        timeout = self.sup.graceful_timeout
-        finished: list[bool] = []
-        if graceful:
-            drains = [
-                threading.Thread(
-                    target=lambda s=server: finished.append(self._drain(s, timeout)),
-                    daemon=True,
-                )
-                for server in self.servers
-            ]
-            for thread in drains:
-                thread.start()
-            for thread in drains:
-                thread.join()
-        else:
-            for server in self.servers:
-                self._abort(server)
-        for thread in self.threads:
-            thread.join(self.sup.kill_grace)
-        if graceful and all(finished) and len(finished) == len(self.servers):
-            # Everything ended: close as usual. Otherwise a handler may still
-            # run (a thread in time.sleep()), which server_close() would wait
-            # for; the process ends instead, and the kernel closes the rest.
-            for server in self.servers:
-                self._close(server)
-        self._publish()  # the last figures, for the supervisor to keep
-        return code
-
-    @staticmethod
-    def _drain(server: Any, timeout: float) -> bool:
-        drain = getattr(server, "drain", None)
-        if drain is not None:
-            return bool(drain(timeout))
-        server.shutdown()
-        return True
-
-    def _abort(self, server: Any) -> None:
-        close = getattr(server, "close", None)
-        if close is None:
-            server.shutdown()
-            return
-        close()
-        server.abort_connections()
-        server.wait_closed(self.sup.kill_grace / 2)
-
-    @staticmethod
-    def _close(server: Any) -> None:
-        try:
-            server.server_close()
-        except Exception:
-            traceback.print_exc()
