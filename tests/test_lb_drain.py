@@ -27,8 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import connect, recv_all
-from tests.test_haproxy import haproxy_binary
+from tests.conftest import connect, recv_all, tool
 from tests.test_health import ADMIN, SERVING, LogLines, get
 from tests.test_serve_cli import serving
 
@@ -163,7 +162,7 @@ def show_stat(path: str) -> dict[str, dict[str, str]]:
 @contextmanager
 def haproxy(environment: dict[str, str], frontend: socket.socket) -> Iterator[LogLines]:
     proc = subprocess.Popen(
-        [haproxy_binary(), "-f", str(EXAMPLE / "haproxy.cfg"), "-db"],
+        [tool("haproxy"), "-f", str(EXAMPLE / "haproxy.cfg"), "-db"],
         env={**os.environ, **environment},
         pass_fds=[frontend.fileno()],
         stdout=subprocess.DEVNULL,

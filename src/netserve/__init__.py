@@ -45,7 +45,8 @@ from netserve._pool import (
 )
 from netserve._proxy import proxy_header
 from netserve._proxyproto import ProxyHeader
-from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._servers import BaseServer
+from netserve._socket_servers import TCPServer, UDPServer
 from netserve._systemd import (
     SystemdNotifier,
     SystemdSocket,
@@ -83,7 +84,7 @@ if hasattr(_os, "fork"):
 
 if hasattr(_socket, "AF_UNIX"):
     from netserve._combos import ThreadingUnixDatagramServer, ThreadingUnixStreamServer
-    from netserve._servers import UnixDatagramServer, UnixStreamServer
+    from netserve._socket_servers import UnixDatagramServer, UnixStreamServer
 
     __all__ += [
         "ThreadingUnixDatagramServer",

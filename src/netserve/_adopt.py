@@ -15,7 +15,7 @@ import socket
 from typing import Any, TypeVar
 
 from netserve._errors import UnusableSocketError
-from netserve._servers import TCPServer
+from netserve._socket_servers import TCPServer
 
 __all__ = ["server_from_socket"]
 

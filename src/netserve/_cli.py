@@ -31,7 +31,7 @@ from netserve._demo import UpperCaseEchoHandler
 from netserve._errors import AddressError, ConfigurationError
 from netserve._log import JsonFormatter, get_logger
 from netserve._proxy import proxy_policy
-from netserve._servers import TCPServer
+from netserve._socket_servers import TCPServer
 from netserve._supervisor import Supervisor
 from netserve._systemd import SystemdNotifier, systemd_listeners, systemd_watchdog_interval
 from netserve._target import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from netserve._servers import TCPServer, UDPServer
+from netserve._socket_servers import TCPServer, UDPServer
 from netserve._threading import ThreadingMixIn
 
 __all__ = ["ThreadingTCPServer", "ThreadingUDPServer"]
@@ -32,7 +32,7 @@ if hasattr(os, "fork"):
 
 
 if hasattr(socket, "AF_UNIX"):
-    from netserve._servers import UnixDatagramServer, UnixStreamServer
+    from netserve._socket_servers import UnixDatagramServer, UnixStreamServer
 
     __all__ += ["ThreadingUnixDatagramServer", "ThreadingUnixStreamServer"]
 

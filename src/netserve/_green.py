@@ -46,7 +46,7 @@ from netserve._errors import MissingExtraError
 from netserve._greensocket import GreenSocket
 from netserve._log import get_logger
 from netserve._loop import drain
-from netserve._servers import TCPServer, UDPServer
+from netserve._socket_servers import TCPServer, UDPServer
 from netserve._stages import Connection, check_deadline, has_input
 
 try:
@@ -636,7 +636,7 @@ class GreenUDPServer(GreenMixIn, UDPServer):
 
 
 if hasattr(socket, "AF_UNIX"):
-    from netserve._servers import UnixDatagramServer, UnixStreamServer
+    from netserve._socket_servers import UnixDatagramServer, UnixStreamServer
 
     __all__ += ["GreenUnixDatagramServer", "GreenUnixStreamServer"]
 

@@ -57,7 +57,8 @@ from netserve._connections import ServerStatistics
 from netserve._errors import ConnectionTimeout, StageError
 from netserve._limits import Timeouts
 from netserve._log import RateLimitedLog, get_logger
-from netserve._servers import BaseServer, TCPServer, UDPServer
+from netserve._servers import BaseServer
+from netserve._socket_servers import TCPServer, UDPServer
 from netserve._stages import (
     BUSY,
     DONE,
@@ -655,7 +656,7 @@ class ThreadPoolUDPServer(ThreadPoolMixIn, UDPServer):
 
 
 if hasattr(socket, "AF_UNIX"):
-    from netserve._servers import UnixDatagramServer, UnixStreamServer
+    from netserve._socket_servers import UnixDatagramServer, UnixStreamServer
 
     __all__ += ["ThreadPoolUnixDatagramServer", "ThreadPoolUnixStreamServer"]
 
