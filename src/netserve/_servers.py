@@ -156,12 +156,12 @@ class BaseServer:
     tls_cert_reqs: Any = "none"
     tls_alpn: list[str] | None = None
     tls_sni: dict[str, Any] | None = None
-    # Handshakes in progress at once; over it a connection waits, parked, within
-    # stage_timeout. 64: a handshake is ~1 ms of CPU but may wait on the network
-    # for seconds, so slow clients get room, while a flood of handshakes (the
-    # cheapest attack on a two-core machine) holds at most 64 TLS sessions'
-    # memory and the CPU of a few at a time.
-    tls_max_handshakes: int = 64
+    # Handshake steps computing at once (issue 13: a flood of handshakes is
+    # CPU); over it a connection waits, parked, within stage_timeout. A slot is
+    # held only while the server works on the peer's message, never while it
+    # waits for the peer: a client that stalls mid-handshake holds none. Two
+    # per core: the CPU stays shared with the connections already served.
+    tls_max_handshakes: int = 2 * (os.cpu_count() or 1)
     # Whether the handshake runs on an SSLObject over the cooperative socket
     # (the hub) rather than an SSLSocket.
     _netserve_tls_cooperative: bool = False

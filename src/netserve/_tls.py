@@ -39,12 +39,18 @@ Closing: shutting down the write side (as ``shutdown_request()`` does) first
 sends close_notify, without waiting: on a peer that does not read, the alert
 is dropped rather than waited for.
 
-The cap (``tls_max_handshakes``): a handshake costs CPU (a signature) and
-memory while it runs, and a flood of them is the cheapest attack on a small
-machine. Over the cap a connection waits parked, its ClientHello unread in the
-kernel, until a handshake ends (its slot passes on in arrival order) or its
-stage time-out ends it. In the forking model each child handshakes its own
-connection: there the cap is ``max_children``.
+The cap (``tls_max_handshakes``): a handshake costs CPU (a signature), and a
+flood of them is the cheapest attack on a small machine. A slot is taken for
+each step of a handshake (the server working on what the peer sent) and given
+back as soon as the step waits for the peer again: a client that stalls
+mid-handshake holds no slot, so stalled clients cannot keep the others
+waiting (they cost a parked connection each, bounded by ``stage_timeout``
+and ``max_connections``). Over the cap a connection waits parked, the peer's
+bytes unread in the kernel, until a step ends elsewhere (slots pass on in
+arrival order) or its stage time-out ends it. The serving loop of the pool and
+the hub's thread run one step at a time anyway; the cap bounds the thread
+models. In the forking model each child handshakes its own connection: there
+the bound is ``max_children``.
 """
 
 from __future__ import annotations
@@ -397,10 +403,10 @@ class SocketHandshake(_Handshake):
         self.tls: TLSSocket | None = None
 
     def advance(self, conn: Connection) -> int:
+        if not self._slot(conn):
+            return BUSY
         tls = self.tls
         if tls is None:
-            if not self._slot(conn):
-                return BUSY
             if conn.request is not conn.sock:
                 raise TLSHandshakeError("bytes were read ahead of the TLS handshake")
             raw = conn.sock
@@ -422,8 +428,10 @@ class SocketHandshake(_Handshake):
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
+            self._done()  # waiting for the peer holds no slot
             return READ
         except ssl.SSLWantWriteError:
+            self._done()
             return WRITE
         except OSError as exc:  # ssl.SSLError, a reset, EOF mid-handshake
             self._done()
@@ -446,10 +454,10 @@ class ObjectHandshake(_Handshake):
         self.pending = b""
 
     def advance(self, conn: Connection) -> int:
+        if not self._slot(conn):
+            return BUSY
         sslobj = self.sslobj
         if sslobj is None:
-            if not self._slot(conn):
-                return BUSY
             if conn.request is not conn.sock:
                 raise TLSHandshakeError("bytes were read ahead of the TLS handshake")
             sslobj = self.sslobj = self.policy.context.wrap_bio(
@@ -459,6 +467,7 @@ class ObjectHandshake(_Handshake):
             while self.pending:
                 sent = conn.send(self.pending)
                 if sent is None:
+                    self._done()  # waiting for the peer holds no slot
                     return WRITE
                 self.pending = self.pending[sent:]
             try:
@@ -478,6 +487,7 @@ class ObjectHandshake(_Handshake):
                 break
             data = conn.recv(_CHUNK)
             if data is None:
+                self._done()
                 return READ
             if not data:
                 self._done()
