@@ -548,3 +548,9 @@ def test_no_input_raises_anything_else_or_consumes_past_the_header(
     # The header is those bytes alone: what follows changes nothing.
     assert parse_header(data[:used], version) == result
     assert parse_header(data[:used] + b"\r\n\r\n\x00junk", version) == result
+
+
+def test_the_parser_is_public_as_parse_proxy_header() -> None:
+    assert netserve.parse_proxy_header is parse_header
+    header, consumed = netserve.parse_proxy_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nrest")
+    assert (header.source, consumed) == (("1.2.3.4", 1), 32)

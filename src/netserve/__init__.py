@@ -45,6 +45,7 @@ from netserve._pool import (
 )
 from netserve._proxy import proxy_header
 from netserve._proxyproto import ProxyHeader
+from netserve._proxyproto import parse_header as parse_proxy_header
 from netserve._servers import BaseServer
 from netserve._socket_servers import TCPServer, UDPServer
 from netserve._systemd import (
@@ -154,6 +155,7 @@ __all__ += [
     "serve_admin",
     # netserve's own: the PROXY protocol.
     "ProxyHeader",
+    "parse_proxy_header",
     "proxy_header",
     # netserve's own: errors and warnings.
     "AddressError",
