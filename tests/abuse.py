@@ -123,11 +123,20 @@ class Probe:
     threads: int
     greenlets: int
     rss_kib: int
+    #: The interpreter's allocated memory blocks (``sys.getallocatedblocks()``):
+    #: Python objects kept, whatever the allocator does with its pages.
+    blocks: int = 0
 
     @classmethod
     def now(cls) -> Probe:
         gc.collect()
-        return cls(fd_count(), threading.active_count(), greenlet_count(), rss_kib())
+        return cls(
+            fd_count(),
+            threading.active_count(),
+            greenlet_count(),
+            rss_kib(),
+            sys.getallocatedblocks(),
+        )
 
 
 @dataclass

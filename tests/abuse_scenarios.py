@@ -155,11 +155,14 @@ class _ServerSide:
 
     def __init__(self, model: str, attrs: dict[str, Any] | None) -> None:
         # What netserve logs, at every level (its package logger has only a
-        # NullHandler: nothing is printed either way).
+        # NullHandler: nothing is printed either way). Not passed on to the root
+        # logger: there, pytest's capturing handlers, copied with the process,
+        # would keep every record (thousands per run) for a report nobody reads.
         self.logs = _LogCount()
         logger = logging.getLogger("netserve")
         logger.setLevel(logging.DEBUG)
         logger.addHandler(self.logs)
+        logger.propagate = False
         self.server = make_server(model, attrs)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -672,6 +675,11 @@ class RepeatedFigures(Outcome):
     def rss_growth_kib(self) -> int:
         """The last run's RSS growth over the run before it (KiB)."""
         return self.runs[-1].after.rss_kib - self.runs[-2].after.rss_kib
+
+    @property
+    def block_growth(self) -> int:
+        """The last run's growth in allocated Python blocks over the run before it."""
+        return self.runs[-1].after.blocks - self.runs[-2].after.blocks
 
 
 def _repeat(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import netserve
-from netserve._proxyproto import V2_SIGNATURE, crc32c, parse_header
+from netserve._edges._proxyproto import V2_SIGNATURE, crc32c, parse_header
 from tests.abuse import Probe
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS

@@ -50,6 +50,7 @@ from tests.abuse_scenarios import (
     run_silent,
     run_slowloris,
 )
+from tests.reliability.common import BLOCKS_BOUND
 
 NEW = ["hub", "threading", "pool"]
 REPORT = ["sync", "forking"]
@@ -62,7 +63,8 @@ SLACK = 2.0
 # this: what a run costs (sockets, their Python objects, the table's entries) is
 # freed after it, so the second run reuses the first run's memory. Measured: 0 to
 # 16 KiB (pool, hub), 0.3 MiB (threading: 300 thread stacks came and went; the
-# first run grew 2 MiB); the bound leaves room for the allocator's arenas.
+# first run grew 2 MiB); the bound leaves room for the allocator's arenas. The
+# allocated Python blocks are checked too (tests/reliability/common.py).
 SILENT_RSS_BOUND_KIB = 4 * 1024
 
 # The server's memory while a 20 MiB line arrives with max_line_size 64 KiB: a
@@ -229,6 +231,7 @@ def test_silent_connections_are_closed_by_park_timeout(model: str) -> None:
         assert run.after.greenlets <= base.greenlets, (n, run.after, base)
     first, second = figures.runs
     assert second.after.rss_kib - first.after.rss_kib < SILENT_RSS_BOUND_KIB
+    assert second.after.blocks - first.after.blocks < BLOCKS_BOUND
     assert figures.stats.timeouts == 2 * CI.silent
     assert_quiet(figures)
     assert_balanced(figures.stats)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._access import outcome_name
-from netserve._connections import DISCONNECTED, FAILED, HANDLED, timed_out
+from netserve._core._access import outcome_name
+from netserve._core._connections import DISCONNECTED, FAILED, HANDLED, timed_out
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
 from tests.test_health import LogLines

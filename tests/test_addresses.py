@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._proxyproto import V2_SIGNATURE
+from netserve._edges._proxyproto import V2_SIGNATURE
 from tests.conftest import LogEvent, Serving, connect, recv_all
 from tests.models import MODELS
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve import _admin
-from netserve._admin import AdminEndpoint, text
-from netserve._figures import SupervisorStatistics
-from netserve._metrics import metrics_route
+from netserve._serving import _admin
+from netserve._serving._admin import AdminEndpoint, text
+from netserve._serving._figures import SupervisorStatistics
+from netserve._serving._metrics import metrics_route
 from tests.conftest import Serving, connect, recv_all
 
 

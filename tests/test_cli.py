@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from netserve._cli import BindAddress, parse_bind
-from netserve._errors import AddressError
+from netserve._core._errors import AddressError
+from netserve._serving._cli import BindAddress, parse_bind
 from tests.conftest import connect
 
 BANNER = re.compile(r"netserve: upper-case echo server listening on (\S+)\n")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._connections import HANDLED, ConnectionTable
-from netserve._log import RateLimitedLog
+from netserve._core._connections import HANDLED, ConnectionTable
+from netserve._core._log import RateLimitedLog
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._figures import COUNTERS, GAUGES, Board, figures_of
+from netserve._serving._figures import COUNTERS, GAUGES, Board, figures_of
 from tests.conftest import Serving, connect, recv_all
 
 

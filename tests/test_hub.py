@@ -17,8 +17,8 @@ import greenlet
 import pytest
 
 import netserve
-import netserve._hub
-from netserve._hub import Expiry, Hub, Limits
+import netserve._models._hub
+from netserve._models._hub import Expiry, Hub, Limits
 
 
 class FakeClock:
@@ -337,7 +337,7 @@ def test_a_call_made_while_the_thread_decides_to_end_runs_on_it(
     ran_on: list[threading.Thread] = []
     ran = threading.Event()
     ending: list[threading.Thread] = []
-    end_spares = netserve._hub._end_spares
+    end_spares = netserve._models._hub._end_spares
 
     def call() -> None:
         ran_on.append(threading.current_thread())
@@ -352,7 +352,7 @@ def test_a_call_made_while_the_thread_decides_to_end_runs_on_it(
             caller.start()
             caller.join()
 
-    monkeypatch.setattr(netserve._hub, "_end_spares", end_spares_then_call)
+    monkeypatch.setattr(netserve._models._hub, "_end_spares", end_spares_then_call)
     try:
         hub.call_soon_threadsafe(lambda: None)  # starts the thread, soon idle
         assert ran.wait(10)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._limits import TimedSocket
+from netserve._core._limits import TimedSocket
 from tests.conftest import LogEvent, Serving, connect, recv_all
 
 THREADED = ["threading", "pool"]
@@ -220,7 +220,7 @@ def test_a_line_past_max_line_size_raises_line_too_long(model: str, reported: li
 def test_line_too_long_consumes_the_limit_and_leaves_the_rest() -> None:
     left, right = socket.socketpair()
     with left, right:
-        from netserve._lines import open_reader
+        from netserve._core._lines import open_reader
 
         rfile = open_reader(left, -1, 8)
         with rfile:
@@ -427,7 +427,7 @@ def test_forking_counts_a_child_that_timed_out() -> None:
 def test_timed_socket_passes_a_non_blocking_call_through() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as client:
-        from netserve._limits import TimedAccept
+        from netserve._core._limits import TimedAccept
 
         sock, _ = TimedAccept()(listener, (0.2, 0.2, 0.2, None), time.monotonic, 5)
         with sock:
@@ -513,7 +513,7 @@ def test_sendfile_sends_the_whole_file_and_leaves_its_position_after_it(tmp_path
     path.write_bytes(bytes(range(256)) * 40)
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as client:
-        from netserve._limits import TimedAccept
+        from netserve._core._limits import TimedAccept
 
         sock, _ = TimedAccept()(listener, (None, 5.0, 5.0, None), time.monotonic, 5)
         with sock, open(path, "rb") as file:

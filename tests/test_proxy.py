@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import netserve
-from netserve._proxy import proxy_policy
-from netserve._proxyproto import V2_SIGNATURE
+from netserve._edges._proxy import proxy_policy
+from netserve._edges._proxyproto import V2_SIGNATURE
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
 from tests.proxy_fuzz import (

@@ -23,7 +23,7 @@ from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
 import netserve
-from netserve._proxyproto import (
+from netserve._edges._proxyproto import (
     MAX_HEADER_SIZE,
     V1_MAX_SIZE,
     V2_MAX_SIZE,

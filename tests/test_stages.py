@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 import netserve
-from netserve._stages import DONE, READ, WRITE, Connection, Stage
+from netserve._core._stages import DONE, READ, WRITE, Connection, Stage
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
 

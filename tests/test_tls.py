@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 import netserve
-from netserve._tls import GreenTLSSocket
+from netserve._edges._tls import GreenTLSSocket
 from tests.conftest import LogEvent, Serving, connect
 from tests.models import CONCURRENT, MODELS
 

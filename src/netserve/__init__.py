@@ -7,11 +7,9 @@ import logging as _logging
 import os as _os
 import socket as _socket
 
-from netserve._adopt import server_from_socket
-from netserve._combos import ThreadingTCPServer, ThreadingUDPServer
-from netserve._compat import install_as_socketserver, restore_socketserver
-from netserve._connections import ServerStatistics
-from netserve._errors import (
+from netserve._core._compat import install_as_socketserver, restore_socketserver
+from netserve._core._connections import ServerStatistics
+from netserve._core._errors import (
     AddressError,
     ConfigurationError,
     ConnectionTimeout,
@@ -25,7 +23,19 @@ from netserve._errors import (
     TLSHandshakeError,
     UnusableSocketError,
 )
-from netserve._green import (
+from netserve._core._handlers import (
+    BaseRequestHandler,
+    DatagramRequestHandler,
+    StreamRequestHandler,
+)
+from netserve._core._log import JsonFormatter
+from netserve._core._servers import BaseServer
+from netserve._core._socket_servers import TCPServer, UDPServer
+from netserve._edges._proxy import proxy_header
+from netserve._edges._proxyproto import ProxyHeader
+from netserve._edges._proxyproto import parse_header as parse_proxy_header
+from netserve._models._combos import ThreadingTCPServer, ThreadingUDPServer
+from netserve._models._green import (
     GreenMixIn,
     GreenSocket,
     GreenTCPServer,
@@ -34,28 +44,22 @@ from netserve._green import (
     green_sleep,
     to_thread,
 )
-from netserve._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
-from netserve._health import AdminThread, serve_admin
-from netserve._log import JsonFormatter
-from netserve._pool import (
+from netserve._models._pool import (
     PoolStatistics,
     ThreadPoolMixIn,
     ThreadPoolTCPServer,
     ThreadPoolUDPServer,
 )
-from netserve._proxy import proxy_header
-from netserve._proxyproto import ProxyHeader
-from netserve._proxyproto import parse_header as parse_proxy_header
-from netserve._servers import BaseServer
-from netserve._socket_servers import TCPServer, UDPServer
-from netserve._systemd import (
+from netserve._models._threading import ThreadingMixIn
+from netserve._serving._adopt import server_from_socket
+from netserve._serving._health import AdminThread, serve_admin
+from netserve._serving._systemd import (
     SystemdNotifier,
     SystemdSocket,
     systemd_listeners,
     systemd_notify,
     systemd_watchdog_interval,
 )
-from netserve._threading import ThreadingMixIn
 
 __version__ = "0.1.0"
 
@@ -78,14 +82,14 @@ __all__ = [
 ]
 
 if hasattr(_os, "fork"):
-    from netserve._combos import ForkingTCPServer, ForkingUDPServer
-    from netserve._forking import ForkingMixIn
+    from netserve._models._combos import ForkingTCPServer, ForkingUDPServer
+    from netserve._models._forking import ForkingMixIn
 
     __all__ += ["ForkingMixIn", "ForkingTCPServer", "ForkingUDPServer"]
 
 if hasattr(_socket, "AF_UNIX"):
-    from netserve._combos import ThreadingUnixDatagramServer, ThreadingUnixStreamServer
-    from netserve._socket_servers import UnixDatagramServer, UnixStreamServer
+    from netserve._core._socket_servers import UnixDatagramServer, UnixStreamServer
+    from netserve._models._combos import ThreadingUnixDatagramServer, ThreadingUnixStreamServer
 
     __all__ += [
         "ThreadingUnixDatagramServer",
@@ -94,7 +98,7 @@ if hasattr(_socket, "AF_UNIX"):
         "UnixStreamServer",
     ]
     if hasattr(_os, "fork"):
-        from netserve._combos import ForkingUnixDatagramServer, ForkingUnixStreamServer
+        from netserve._models._combos import ForkingUnixDatagramServer, ForkingUnixStreamServer
 
         __all__ += ["ForkingUnixDatagramServer", "ForkingUnixStreamServer"]
 
@@ -114,9 +118,9 @@ __all__ += [
     "ThreadPoolUDPServer",
 ]
 if hasattr(_socket, "AF_UNIX"):
-    from netserve._green import GreenUnixDatagramServer, GreenUnixStreamServer
-    from netserve._pool import ThreadPoolUnixDatagramServer, ThreadPoolUnixStreamServer
-    from netserve._unix import PeerCredentials, peer_credentials
+    from netserve._edges._unix import PeerCredentials, peer_credentials
+    from netserve._models._green import GreenUnixDatagramServer, GreenUnixStreamServer
+    from netserve._models._pool import ThreadPoolUnixDatagramServer, ThreadPoolUnixStreamServer
 
     __all__ += [
         "PeerCredentials",
@@ -128,8 +132,8 @@ if hasattr(_socket, "AF_UNIX"):
     ]
 
 if hasattr(_os, "fork"):
-    from netserve._figures import SupervisorStatistics
-    from netserve._supervisor import EXIT_WORKER_FAILED, Supervisor
+    from netserve._serving._figures import SupervisorStatistics
+    from netserve._serving._supervisor import EXIT_WORKER_FAILED, Supervisor
 
     __all__ += [
         # netserve's own: the prefork supervisor.

@@ -2,6 +2,6 @@
 
 import sys
 
-from netserve._cli import main
+from netserve._serving._cli import main
 
 sys.exit(main())

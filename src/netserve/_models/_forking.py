@@ -1,0 +1,172 @@
+"""ForkingMixIn: a child process per request, with the stdlib's semantics.
+
+Hooks overridden: ``process_request`` (forks), ``service_actions`` and
+``handle_timeout`` (reap), ``server_close`` (reap, waiting if ``block_on_close``).
+Attributes read: ``max_children``, ``block_on_close``; ``active_children`` holds
+the pids of the children this server started.
+
+A server reaps only its own children, pid by pid (``_children``). A child runs
+the one request runner and exits with status 0 when the handler returned; the
+parent counts the request when it reaps the child (``statistics()``). Closed
+with ``block_on_close = False``, the server leaves a background reaper that
+reaps the children still running as they exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from netserve._core._connections import FAILED
+from netserve._core._servers import BaseServer
+from netserve._models._children import Children
+
+__all__ = ["ForkingMixIn"]
+
+if TYPE_CHECKING:
+    _MixInBase = BaseServer
+else:
+    _MixInBase = object
+
+
+class ForkingMixIn(_MixInBase):
+    """Handle each request in a new child process."""
+
+    _netserve_handles_inline = False
+
+    # handle_request() waits at most this long, so that children are reaped even
+    # on a server driven by handle_request() alone.
+    timeout: float | None = 300
+    active_children: set[int] | None = None
+    max_children: int = 40
+    # server_close() waits for every child to exit.
+    block_on_close: bool = True
+    # abort_connections(): how long a child may take to exit after SIGTERM.
+    abort_grace: float = 1.0
+
+    def _netserve_children(self) -> Children:
+        # Created on first use, around the stdlib's ``active_children`` set.
+        children: Children | None = vars(self).get("_netserve_children_now")
+        if children is None:
+            if self.active_children is None:
+                self.active_children = set()
+            children = self._netserve_children_now = Children(
+                self.active_children, self._netserve_child_exited
+            )
+        return children
+
+    def _netserve_hosts_held(self) -> dict[int, int]:
+        # Child pid -> the identity of the request it holds, while a per-client
+        # limit counts it against its host (created on first use: the stdlib's
+        # __init__ signature stays as it is).
+        held: dict[int, int] | None = vars(self).get("_netserve_child_requests")
+        if held is None:
+            held = {}
+            self._netserve_child_requests = held
+        return held
+
+    def _netserve_child_exited(self, pid: int, exitcode: int) -> None:
+        # The request a child held, for the per-client count (only kept while a
+        # per-client limit is counting).
+        key = self._netserve_hosts_held().pop(pid, None)
+        self._netserve_table.finish_detached(exitcode, key)
+
+    def collect_children(self, *, blocking: bool = False) -> None:
+        """Reap finished children; first wait while ``max_children`` are running.
+
+        With ``blocking``, wait for every child to exit.
+        """
+        if not self.active_children:
+            return
+        children = self._netserve_children()
+        while len(children) >= self.max_children:
+            children.wait_for_one()
+            children.reap()
+        if blocking:
+            children.reap_all()
+        else:
+            children.reap()
+
+    def handle_timeout(self) -> None:
+        """Reap finished children."""
+        self.collect_children()
+
+    def service_actions(self) -> None:
+        """Reap finished children on every pass of ``serve_forever()``."""
+        self.collect_children()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Fork; the child handles the request and exits, the parent carries on."""
+        # Reaping here too makes max_children a bound for handle_request() loops,
+        # which never call service_actions().
+        self.collect_children()
+        children = self._netserve_children()
+        pid = os.fork()
+        if pid == 0:
+            self._serve_in_child(request, client_address)
+        # The child has its own copy of the connection.
+        table = self._netserve_table
+        if table.counts_hosts():
+            self._netserve_hosts_held()[pid] = id(request)
+        children.add(pid)
+        table.detach(request)
+        self.close_request(request)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until every child has exited, reaping each; False on time-out."""
+        if not self.active_children:
+            return True
+        children = self._netserve_children()
+        clock = self._netserve_table.clock
+        deadline = None if timeout is None else clock() + timeout
+        while children.pids:
+            remaining = None if deadline is None else deadline - clock()
+            if remaining is not None and remaining <= 0:
+                return False
+            children.wait_for_one(remaining)
+            children.reap()
+        return True
+
+    def abort_connections(self) -> None:
+        """SIGTERM every child; SIGKILL those still running ``abort_grace`` later."""
+        children = self._netserve_children()
+        children.signal(signal.SIGTERM)
+        if not self.wait_closed(self.abort_grace):
+            children.signal(signal.SIGKILL)
+
+    def _serve_in_child(self, request: Any, client_address: Any) -> NoReturn:
+        # The child must never return into the parent's loop or run its cleanup
+        # (atexit, finalizers): every path ends in os._exit. The status is the
+        # runner's outcome: 0 only when the handler returned normally, 1 when it
+        # raised (as in the stdlib), 2 and 3 for a failed or timed-out stage,
+        # 4 when verify_client() refused it (the parent counts it as refused).
+        status = FAILED
+        try:
+            # The child never accepts: without its copy of the listener, closing
+            # the server closes the port even while children still serve.
+            listener = getattr(self, "socket", None)
+            if listener is not None and listener.type == socket.SOCK_STREAM:
+                listener.close()
+            status = self._netserve_run_request(request, client_address)
+        finally:
+            # os._exit skips the flush that a normal exit would do.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(status)
+
+    def server_close(self) -> None:
+        """Close the server, then reap children (waiting if ``block_on_close``).
+
+        Without ``block_on_close``, the children still running are reaped in the
+        background as they exit.
+        """
+        super().server_close()
+        self.collect_children(blocking=self.block_on_close)
+        if not self.block_on_close and self.active_children:
+            self._netserve_children().reap_in_background()
