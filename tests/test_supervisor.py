@@ -270,15 +270,15 @@ def test_term_answers_the_requests_in_flight_and_exits_0(running: Any) -> None:
     pids = sup.serving(2)
     clients = []
     try:
-        for _ in range(4):
+        for _ in range(20):  # the count: 20 slow requests in flight
             sock = socket.create_connection(("127.0.0.1", sup.port), timeout=WAIT)
             clients.append((sock, sock.makefile("rb")))
-            sock.sendall(b"sleep 0.5\n")
+            sock.sendall(b"sleep 1\n")
             assert clients[-1][1].readline().endswith(b" started\n")
         sup.signal(signal.SIGTERM)
         for sock, reader in clients:
             reply = reader.readline()
-            assert reply.endswith(b" sleep 0.5\n")
+            assert reply.endswith(b" sleep 1\n")
             assert int(reply.split()[0]) in pids
             sock.shutdown(socket.SHUT_WR)  # the handler ends at this end of stream
         assert sup.wait() == 0

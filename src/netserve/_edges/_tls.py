@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from netserve._core._errors import ConfigurationError, ConnectionTimeout, TLSHandshakeError
 from netserve._core._log import RateLimitedLog, get_logger
-from netserve._core._stages import BUSY, DONE, READ, WRITE, Connection, Stage
+from netserve._core._stages import BUSY, DONE, READ, WRITE, Connection, Stage, has_input
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -403,6 +403,8 @@ class SocketHandshake(_Handshake):
         self.tls: TLSSocket | None = None
 
     def advance(self, conn: Connection) -> int:
+        if self.tls is None and not has_input(conn.sock):
+            return READ  # nothing made, no slot, until the ClientHello comes
         if not self._slot(conn):
             return BUSY
         tls = self.tls
@@ -454,6 +456,8 @@ class ObjectHandshake(_Handshake):
         self.pending = b""
 
     def advance(self, conn: Connection) -> int:
+        if self.sslobj is None and not has_input(conn.sock):
+            return READ  # nothing made, no slot, until the ClientHello comes
         if not self._slot(conn):
             return BUSY
         sslobj = self.sslobj
