@@ -255,7 +255,12 @@ def _build_parser() -> _Parser:
         f"(default: the socket-activated sockets, else {DEFAULT_TARGET_BIND}; "
         f"the demo: {DEFAULT_BIND})",
     )
-    parser.add_argument("--udp", action="store_true", default=bool(_env("udp")))
+    parser.add_argument(
+        "--udp",
+        action="store_true",
+        default=bool(_env("udp")),
+        help="datagram sockets instead of streams (for a DatagramRequestHandler)",
+    )
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -269,7 +274,12 @@ def _build_parser() -> _Parser:
         default=int(_env("workers", 1)),
         help="worker processes, each serving every socket (default 1, always supervised)",
     )
-    parser.add_argument("--threads", type=_positive(int), default=_env("threads"))
+    parser.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=_env("threads"),
+        help="the pool's threads per worker (its max_workers; --model pool only)",
+    )
     parser.add_argument(
         "--timeout",
         type=_positive(float),
@@ -304,7 +314,12 @@ def _build_parser() -> _Parser:
         metavar="S",
         help="how long SIGTERM lets requests in progress finish (default 30)",
     )
-    parser.add_argument("--reuse-port", action="store_true", default=bool(_env("reuse-port")))
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=bool(_env("reuse-port")),
+        help="a SO_REUSEPORT listener per worker: the kernel spreads the connections",
+    )
     parser.add_argument(
         "--proxy-protocol",
         choices=["v1", "v2", "any"],
@@ -373,12 +388,17 @@ def _build_parser() -> _Parser:
         help="ALPN protocols offered, comma-separated (e.g. h2,http/1.1)",
     )
     parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
-    parser.add_argument("--chdir", default=_env("chdir"), metavar="DIR")
-    parser.add_argument("--pid", default=_env("pid"), metavar="FILE")
+    parser.add_argument(
+        "--chdir", default=_env("chdir"), metavar="DIR", help="change to DIR before importing"
+    )
+    parser.add_argument(
+        "--pid", default=_env("pid"), metavar="FILE", help="write the supervisor's pid to FILE"
+    )
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error", "critical"],
         default=_env("log-level", "info"),
+        help="the least severe records logged on stderr (default info)",
     )
     parser.add_argument(
         "--access-log",
