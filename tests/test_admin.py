@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -79,21 +81,46 @@ def test_a_silent_client_holds_nobody_up_and_is_closed(monkeypatch: pytest.Monke
         assert recv_all(silent) == b""  # closed once its time was up
 
 
-def test_clients_past_the_limit_are_closed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idle_clients_cannot_lock_the_health_checks_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every place taken by clients that send nothing: a new client takes the
+    # place of the one that has waited longest, and is answered.
     monkeypatch.setattr(_admin, "MAX_CLIENTS", 2)
     with endpoint(ROUTES) as address:
-        held = [connect(address) for _ in range(2)]
+        idle = [connect(address) for _ in range(2)]
         try:
-            for client in held:  # accepted and waiting for their requests
-                client.sendall(b"GET")
-            with connect(address) as extra:
-                assert recv_all(extra) == b""
-            for client in held:
-                client.sendall(b" /readyz HTTP/1.0\r\n\r\n")
-                assert recv_all(client).startswith(b"HTTP/1.1 200 ")
+            idle[0].sendall(b"GET")  # accepted, and waiting for the rest
+            idle[1].sendall(b"GET")
+            assert get(address, "/readyz")[0] == 200
+            assert recv_all(idle[0]) == b""  # its place went to the health check
+            idle[1].sendall(b" /readyz HTTP/1.0\r\n\r\n")
+            assert recv_all(idle[1]).startswith(b"HTTP/1.1 200 ")
         finally:
-            for client in held:
+            for client in idle:
                 client.close()
+
+
+def test_accept_failures_back_off_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of descriptors, the listener stays readable: the endpoint stops
+    # watching it for a while (10 ms, doubling), then serves again once
+    # accept() works. A loop that retried at once would try thousands of times.
+    failing = threading.Event()
+    failing.set()
+    tries: list[float] = []
+    real_accept = socket.socket.accept
+
+    def accept(self: socket.socket) -> Any:
+        if self.gettimeout() == 0.0 and failing.is_set():  # the endpoint's listener
+            tries.append(time.monotonic())
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    with endpoint(ROUTES) as address, connect(address) as waiting:
+        threading.Event().wait(0.5)  # a measuring window, not a readiness wait
+        assert 2 <= len(tries) < 20, len(tries)
+        failing.clear()
+        waiting.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+        assert recv_all(waiting).startswith(b"HTTP/1.1 200 ")
 
 
 def test_metrics_render_every_figure() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -149,3 +150,21 @@ def test_the_hub_reports_its_greenlets() -> None:
         assert recv_all(client) == b""
     assert server.statistics().greenlets == 0
     server.server_close()
+
+
+def test_a_write_under_way_reads_as_the_last_figures_never_as_none() -> None:
+    # A scrape that meets a write in progress (or a writer killed in the middle
+    # of one) must not see the worker's counters vanish: counters never go back.
+    board = Board(slots=2)
+    try:
+        index = board.take()
+        assert index is not None
+        board.writer(index).publish(figures(handled=5), 1)
+        assert board.totals()["handled"] == 5
+        # The writer's next write begins (odd sequence number) and never ends.
+        board._block[0:8] = (7).to_bytes(8, sys.byteorder)
+        assert board.totals()["handled"] == 5
+        board.release(index)
+        assert board.totals()["handled"] == 5
+    finally:
+        board.close()

@@ -139,3 +139,37 @@ def test_health_metrics_and_the_drain_delay(app_dir: Path) -> None:
     # The admin listener is gone with the command.
     with socket.socket() as probe:
         assert probe.connect_ex(admin) != 0
+
+
+BROKEN_FIGURES = r"""
+import netserve
+
+class Echo(netserve.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
+class Server(netserve.ThreadingTCPServer):
+    RequestHandlerClass = Echo
+
+    def statistics(self):
+        raise RuntimeError("no figures here")
+"""
+
+
+def test_a_server_whose_figures_fail_still_serves(app_dir: Path) -> None:
+    (app_dir / "broken_figures.py").write_text(BROKEN_FIGURES)
+    args = ["broken_figures:Server", "-b", "127.0.0.1:0", "--metrics-bind", "0"]
+    with serving(app_dir, *args) as (proc, _, address):
+        assert proc.stdout is not None
+        match = ADMIN.match(proc.stdout.readline())
+        assert match
+        admin = (match[1], int(match[2]))
+        log = LogLines(proc)
+        log.until("figures cannot be read")  # said once; the worker goes on
+        with connect(address) as client:
+            client.sendall(b"still here\n")
+            assert client.recv(100) == b"still here\n"
+        assert samples(admin)["netserve_workers"] == 1
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0

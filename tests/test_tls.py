@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 import netserve
-from netserve._edges._tls import GreenTLSSocket
+from netserve._edges._tls import GreenTLSSocket, HandshakeGate
 from tests.conftest import LogEvent, Serving, connect
 from tests.models import CONCURRENT, MODELS
 
@@ -467,3 +467,30 @@ def test_proxy_protocol_then_tls(model: str, certs: Certs) -> None:
     assert rest == b"hi\n"
     stats = server.statistics()
     assert (stats.handled, stats.stage_failures, stats.errors) == (1, 0, 0)
+
+
+def test_a_slot_given_to_a_connection_that_gave_up_passes_on() -> None:
+    # leave() hands the slot to the first waiting ticket; a cancel() from that
+    # connection (its stage time-out, on another thread) right after must pass
+    # the slot on, never lose it (the cap would shrink for good).
+    gate = HandshakeGate(1)
+    assert gate.enter() is None
+    ticket = gate.enter()
+    assert ticket is not None
+    gate.leave()  # the slot is the ticket's now
+    assert ticket.granted
+    gate.cancel(ticket)  # ... but its connection is gone
+    assert gate.busy == 0
+    assert gate.enter() is None  # a slot is free
+    waiting = gate.enter()
+    assert waiting is not None
+    gate.cancel(waiting)  # gave up while still waiting: simply out of the queue
+    assert (gate.busy, list(gate.waiting)) == (1, [])
+
+
+def test_a_client_context_is_refused_at_construction(certs: Certs) -> None:
+    context = ssl.create_default_context()  # a client's: check_hostname
+    context.load_cert_chain(certs.certfile, certs.keyfile)
+    server_class = type("Server", (netserve.ThreadingTCPServer,), {"tls_context": context})
+    with pytest.raises(netserve.ConfigurationError, match="client's context"):
+        server_class(("127.0.0.1", 0), Report)

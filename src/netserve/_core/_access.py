@@ -48,11 +48,12 @@ __all__ = ["outcome_name", "run_logged"]
 log = get_logger("access")
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_received (a u64 at offset 128,
-# Linux 4.1+) and tcpi_bytes_sent (at offset 200, Linux 4.19+); before 4.19,
-# tcpi_bytes_acked (offset 120) stands in for what was sent.
+# Linux 4.1+) and tcpi_bytes_sent (at offset 200, Linux 4.19+), less
+# tcpi_bytes_retrans (offset 208: bytes_sent counts each retransmission
+# again); before 4.19, tcpi_bytes_acked (offset 120) stands in for what was sent.
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _U64 = struct.Struct("=Q")
-_RECEIVED, _SENT, _ACKED = 128, 200, 120
+_RECEIVED, _SENT, _RETRANS, _ACKED = 128, 200, 208, 120
 _INFO_SIZE = 256
 # tcpi_state (the first byte), from include/net/tcp_states.h: the states in
 # which the peer's FIN has arrived, and those in which ours was acknowledged.
@@ -133,6 +134,8 @@ def _byte_counts(sock: socket.socket) -> tuple[int | None, int | None]:
         received -= 1  # the peer's FIN takes a sequence number: it is no byte
     at = _SENT if len(info) >= _SENT + 8 else _ACKED
     sent = _U64.unpack_from(info, at)[0] if len(info) >= at + 8 else None
+    if sent is not None and at == _SENT and len(info) >= _RETRANS + 8:
+        sent -= _U64.unpack_from(info, _RETRANS)[0]
     if sent and at == _ACKED and info[0] in _FIN_ACKED:
         sent -= 1  # ours, acknowledged
     return received, sent

@@ -113,8 +113,8 @@ class Ticket:
         self.wake: Callable[[], None] | None = None
         self.event = threading.Event()
 
-    def grant(self) -> None:
-        self.granted = True
+    def notify(self) -> None:
+        """Wake the waiting connection (``granted`` was set under the gate's lock)."""
         self.event.set()
         if self.wake is not None:
             self.wake()
@@ -142,25 +142,24 @@ class HandshakeGate:
             return ticket
 
     def leave(self) -> None:
-        """A handshake ended: its slot passes to the first waiting, if any."""
+        """A handshake step ended: its slot passes to the first waiting, if any."""
         with self.lock:
             if not self.waiting:
                 self.busy -= 1
                 return
             ticket = self.waiting.popleft()
-        ticket.grant()
+            # Under the lock: a cancel() that follows sees the slot as given.
+            ticket.granted = True
+        ticket.notify()
 
     def cancel(self, ticket: Ticket) -> None:
         """A waiting connection gave up (time-out, close); a slot it was given
         meanwhile passes on."""
         with self.lock:
-            try:
+            if not ticket.granted:
                 self.waiting.remove(ticket)
                 return
-            except ValueError:
-                pass
-        if ticket.granted:
-            self.leave()
+        self.leave()
 
 
 # -- the settings --------------------
@@ -253,6 +252,7 @@ class TLSPolicy:
                     "pass the new one, reload_certificates(context)"
                 )
             if context is not None:
+                _check_server_context(context)
                 self.user_context = context
             # Built first, then swapped: a handshake starting meanwhile takes
             # the old context or the new, whole.
@@ -289,6 +289,18 @@ def _load(method: Callable[..., Any], what: str, *paths: str | None) -> None:
         raise ConfigurationError(f"TLS {what} {paths[0]!r} could not be loaded: {exc}") from None
 
 
+def _check_server_context(context: Any) -> None:
+    """An application's context must be one a server can handshake with."""
+    if not isinstance(context, ssl.SSLContext):
+        raise ConfigurationError(f"tls_context must be an ssl.SSLContext, not {context!r}")
+    if context.protocol == ssl.PROTOCOL_TLS_CLIENT or context.check_hostname:
+        # ssl.create_default_context() with no purpose makes a client's.
+        raise ConfigurationError(
+            "tls_context is a client's context (PROTOCOL_TLS_CLIENT, check_hostname): "
+            "make a server's, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)"
+        )
+
+
 def tls_policy(server: Any, *, cooperative: bool = False) -> TLSPolicy | None:
     """The TLS policy for ``server``'s ``tls_*`` attributes (None: no TLS);
     ``ConfigurationError`` when they do not make sense."""
@@ -305,8 +317,8 @@ def tls_policy(server: Any, *, cooperative: bool = False) -> TLSPolicy | None:
         raise ConfigurationError(
             "TLS needs a stream server: Python's ssl module has no DTLS for datagrams"
         )
-    if context is not None and not isinstance(context, ssl.SSLContext):
-        raise ConfigurationError(f"tls_context must be an ssl.SSLContext, not {context!r}")
+    if context is not None:
+        _check_server_context(context)
     reqs = getattr(server, "tls_cert_reqs", ssl.CERT_NONE)
     if isinstance(reqs, str):
         if reqs not in _CERT_REQS:
@@ -417,12 +429,17 @@ class SocketHandshake(_Handshake):
             # our subclass (wrap_socket() would need the context's class changed,
             # and the context may be the application's). Private, but the same
             # signature since 3.7 and run on each CPython scripts/test finds.
-            tls = TLSSocket._create(  # type: ignore[attr-defined]
-                sock=plain,
-                server_side=True,
-                do_handshake_on_connect=False,
-                context=self.policy.context,
-            )
+            try:
+                tls = TLSSocket._create(  # type: ignore[attr-defined]
+                    sock=plain,
+                    server_side=True,
+                    do_handshake_on_connect=False,
+                    context=self.policy.context,
+                )
+            except BaseException:
+                plain.close()  # not taken over: ours to close
+                self._done()
+                raise
             _settimeout(tls, 0.0)
             self.tls = tls
             # From here the stage's closing closes it too (_servers).
@@ -446,13 +463,13 @@ class SocketHandshake(_Handshake):
 class ObjectHandshake(_Handshake):
     """The hub's handshake: an ``SSLObject`` over memory, fed from the connection."""
 
-    __slots__ = ("incoming", "outgoing", "pending", "sslobj")
+    __slots__ = ("bios", "pending", "sslobj")
 
     def __init__(self, policy: TLSPolicy) -> None:
         super().__init__(policy)
+        # Made with the SSLObject, once the peer's first bytes have come.
         self.sslobj: ssl.SSLObject | None = None
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
+        self.bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None
         self.pending = b""
 
     def advance(self, conn: Connection) -> int:
@@ -464,9 +481,10 @@ class ObjectHandshake(_Handshake):
         if sslobj is None:
             if conn.request is not conn.sock:
                 raise TLSHandshakeError("bytes were read ahead of the TLS handshake")
-            sslobj = self.sslobj = self.policy.context.wrap_bio(
-                self.incoming, self.outgoing, server_side=True
-            )
+            self.bios = (ssl.MemoryBIO(), ssl.MemoryBIO())
+            sslobj = self.sslobj = self.policy.context.wrap_bio(*self.bios, server_side=True)
+        assert self.bios is not None
+        incoming, outgoing = self.bios
         while True:
             while self.pending:
                 sent = conn.send(self.pending)
@@ -482,9 +500,9 @@ class ObjectHandshake(_Handshake):
             except ssl.SSLError as exc:
                 self._done()
                 # The alert that says why, if the socket takes it now.
-                conn.send(self.outgoing.read())
+                conn.send(outgoing.read())
                 raise self._fail(conn, exc) from None
-            self.pending = self.outgoing.read()
+            self.pending = outgoing.read()
             if self.pending:
                 continue
             if done:
@@ -496,9 +514,9 @@ class ObjectHandshake(_Handshake):
             if not data:
                 self._done()
                 raise self._fail(conn, ConnectionResetError("the peer closed mid-handshake"))
-            self.incoming.write(data)
+            incoming.write(data)
         self._done()
-        conn.request = GreenTLSSocket(conn.sock, sslobj, self.incoming, self.outgoing)
+        conn.request = GreenTLSSocket(conn.sock, sslobj, incoming, outgoing)
         return DONE
 
 

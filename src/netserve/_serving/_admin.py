@@ -7,7 +7,11 @@ never hold up the loop that watches the workers. So everything here is
 non-blocking and bounded:
 
 - the listener is accepted from until the backlog is empty, with at most
-  ``MAX_CLIENTS`` open at once (more are closed at once);
+  ``MAX_CLIENTS`` open at once: a new client then takes the place of the one
+  that has waited longest for its request to arrive (so idle connections
+  cannot lock the health checks out). An accept that fails for want of
+  descriptors or memory stops watching the listener for a back-off (10 ms,
+  doubling to 1 s), rather than spin on a listener that stays readable;
 - a client has ``TIMEOUT`` seconds to send its request (at most
   ``MAX_REQUEST`` bytes of request line and headers) and take the answer;
 - each answer is computed at once from the supervisor's state and sent with
@@ -42,6 +46,9 @@ TIMEOUT = 5.0
 MAX_REQUEST = 8192
 #: Clients served at once.
 MAX_CLIENTS = 64
+# The back-off while accept() fails (descriptors, memory): first, and at most.
+_BACKOFF_FIRST = 0.01
+_BACKOFF_MAX = 1.0
 
 
 def text(status: int, body: str) -> Response:
@@ -79,6 +86,9 @@ class AdminEndpoint:
         self.clock = clock
         self._clients: dict[int, _Client] = {}
         self._errors = RateLimitedLog(log, logging.ERROR)
+        # While accept() fails (EMFILE ...): when to watch the listener again.
+        self._resume_at: float | None = None
+        self._backoff = _BACKOFF_FIRST
         sock.setblocking(False)
 
     def serve_until(self, stop_fd: int) -> None:
@@ -106,7 +116,8 @@ class AdminEndpoint:
         """Stop serving: close every client, and unregister (not close) the listener."""
         for client in list(self._clients.values()):
             self._close(selector, client)
-        selector.unregister(self.sock)
+        if self._resume_at is None:
+            selector.unregister(self.sock)
 
     def forget(self) -> None:
         """In a forked child: close this process's copies of every socket."""
@@ -116,15 +127,20 @@ class AdminEndpoint:
         self.sock.close()
 
     def next_deadline(self) -> float | None:
-        if not self._clients:
-            return None
-        return min(client.deadline for client in self._clients.values())
+        deadlines = [client.deadline for client in self._clients.values()]
+        if self._resume_at is not None:
+            deadlines.append(self._resume_at)
+        return min(deadlines) if deadlines else None
 
     def expire(self, selector: selectors.BaseSelector) -> None:
-        """Close the clients whose time is up."""
+        """Close the clients whose time is up; watch the listener again after a
+        back-off."""
         now = self.clock()
         for client in [c for c in self._clients.values() if c.deadline <= now]:
             self._close(selector, client)
+        if self._resume_at is not None and now >= self._resume_at:
+            self._resume_at = None
+            self.attach(selector)
 
     # -- the loop's callbacks ------------------------------------------------------------
 
@@ -132,19 +148,38 @@ class AdminEndpoint:
         while True:
             try:
                 sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                self._backoff = _BACKOFF_FIRST
                 return
             except OSError as exc:
-                # Out of descriptors, or the like: the next readiness tries again.
-                self._errors.event("admin endpoint: accept failed: %s", exc)
+                # Out of descriptors or memory: the connection stays queued and
+                # the listener readable, so stop watching it for a while.
+                self._errors.event("admin endpoint: accept failed (%s); backing off", exc)
+                selector.unregister(self.sock)
+                self._resume_at = self.clock() + self._backoff
+                self._backoff = min(_BACKOFF_MAX, self._backoff * 2)
                 return
-            if len(self._clients) >= MAX_CLIENTS:
+            if len(self._clients) >= MAX_CLIENTS and not self._made_room(selector):
                 sock.close()
                 continue
             sock.setblocking(False)
             client = _Client(sock, self.clock() + TIMEOUT)
+            try:
+                selector.register(sock, selectors.EVENT_READ, self._callback(client))
+            except OSError as exc:
+                self._errors.event("admin endpoint: cannot watch a client (%s)", exc)
+                sock.close()
+                continue
             self._clients[sock.fileno()] = client
-            selector.register(sock, selectors.EVENT_READ, self._callback(client))
+
+    def _made_room(self, selector: selectors.BaseSelector) -> bool:
+        """Every place is taken: the client that has waited longest for its own
+        request gives its place up (one being answered keeps it)."""
+        reading = [c for c in self._clients.values() if c.sending is None]
+        if not reading:
+            return False
+        self._close(selector, min(reading, key=lambda c: c.deadline))
+        return True
 
     def _callback(self, client: _Client) -> Callable[[selectors.BaseSelector, Any], None]:
         def ready(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
@@ -187,11 +222,10 @@ class AdminEndpoint:
         if route is None:
             return _reply(text(404, "not found\n"), with_body)
         try:
-            response = route()
+            return _reply(route(), with_body)
         except Exception:
             log.exception("admin endpoint: %s failed", target.decode("latin-1"))
-            response = text(500, "internal error\n")
-        return _reply(response, with_body)
+            return _reply(text(500, "internal error\n"), with_body)
 
     def _answer(self, selector: selectors.BaseSelector, client: _Client, answer: bytes) -> None:
         client.sending = memoryview(answer)

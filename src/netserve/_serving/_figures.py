@@ -15,7 +15,8 @@ never go backwards when a worker is replaced. Theory of operation:
   slot, readers never block it).
 - When the supervisor reaps a worker it reads the slot a last time, adds its
   counters to what retired workers counted, and frees the slot. A worker
-  killed outright loses at most its last interval's counts.
+  killed outright loses at most its last interval's counts (killed in the
+  middle of a write, the supervisor's last good read of its slot counts).
 
 Counters (``COUNTERS``) are summed over retired and live workers; gauges
 (``GAUGES``: what is open or busy now) over the live ones only.
@@ -167,6 +168,9 @@ class Board:
         self._free = list(range(slots - 1, -1, -1))
         self._taken: set[int] = set()
         self._retired = dict.fromkeys(COUNTERS, 0)
+        # Each live slot's last consistent read: what counts when a read finds
+        # a write under way (a counter read as missing would go backwards).
+        self._last: dict[int, dict[str, int]] = {}
 
     def take(self) -> int | None:
         """A free slot for a worker about to be forked (zeroed); None if none is left."""
@@ -175,6 +179,7 @@ class Board:
         index = self._free.pop()
         self._block[index * _SLOT.size : (index + 1) * _SLOT.size] = bytes(_SLOT.size)
         self._taken.add(index)
+        self._last.pop(index, None)
         return index
 
     def writer(self, index: int) -> SlotWriter:
@@ -190,6 +195,7 @@ class Board:
             for name in COUNTERS:
                 self._retired[name] += last[name]
         self._taken.discard(index)
+        self._last.pop(index, None)
         self._free.append(index)
 
     def totals(self) -> dict[str, int]:
@@ -207,7 +213,15 @@ class Board:
         self._block.close()
 
     def _read(self, index: int) -> dict[str, int] | None:
-        """A consistent copy of a slot's figures; None before its first write."""
+        """A consistent copy of a slot's figures (or, while a write stays under
+        way, the last one read); None before its first write."""
+        figures = self._read_now(index)
+        if figures is None:
+            return self._last.get(index)
+        self._last[index] = figures
+        return figures
+
+    def _read_now(self, index: int) -> dict[str, int] | None:
         offset = index * _SLOT.size
         for _ in range(_READ_TRIES):
             before = _HEADER.unpack_from(self._block, offset)[0]
@@ -219,7 +233,7 @@ class Board:
             if before == 0:
                 return None
             return dict(zip(_FIELDS, values[2:], strict=True))
-        return None  # a writer stuck mid-write (killed there): its last figures are lost
+        return None  # a write still under way (or killed there): _read() keeps the last
 
 
 class SlotWriter:
@@ -233,9 +247,11 @@ class SlotWriter:
     def publish(self, figures: Mapping[str, int], pid: int) -> None:
         """Write ``figures`` (``figures_of()``) for the supervisor to read."""
         offset = self._offset
+        # Made before the write begins: the odd sequence number (a write under
+        # way) stays in place no longer than the copy itself.
+        values = [figures.get(name, 0) for name in _FIELDS]
         self._sequence += 1
         _HEADER.pack_into(self._block, offset, self._sequence, pid)
-        values = [figures.get(name, 0) for name in _FIELDS]
         _SLOT.pack_into(self._block, offset, self._sequence, pid, *values)
         self._sequence += 1
         _HEADER.pack_into(self._block, offset, self._sequence, pid)

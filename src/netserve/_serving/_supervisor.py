@@ -330,11 +330,16 @@ class Supervisor:
         }
 
     def _liveness(self) -> Response:
-        """200 while some worker reports alive (rule 3), or none runs yet."""
+        """200 while some worker reports alive (rule 3), or none was started
+        yet; 503 once none has for ``timeout``, or none runs after failures."""
         now = time.monotonic()
         workers = self._children.values()
-        if not workers or any(now - w.last_seen < self.timeout for w in workers):
+        if any(now - w.last_seen < self.timeout for w in workers):
             return text(200, "alive\n")
+        if not workers and not self._boot_failures:
+            return text(200, "alive: starting\n")
+        if not workers:
+            return text(503, "no worker runs: they failed to start\n")
         return text(503, f"no worker has reported for {self.timeout:g} s\n")
 
     def _readiness(self) -> Response:

@@ -26,7 +26,13 @@ import traceback
 from types import FrameType
 from typing import Any
 
+from netserve._core._log import get_logger
 from netserve._serving._figures import PUBLISH_INTERVAL, SlotWriter, figures_of
+
+# Its start-up failure and its own errors go to stderr as tracebacks (the
+# user's code failed: they need the whole of it, as the command promises);
+# this logger is for what the worker notices about itself.
+log = get_logger("supervisor")
 
 __all__ = [
     "BEAT",
@@ -197,8 +203,15 @@ class WorkerProcess:
             send(self.ctl_w, bytes([_LOOP_ENDED]))
 
     def _publish(self) -> None:
-        if self.figures is not None:
+        if self.figures is None:
+            return
+        try:
             self.figures.publish(figures_of(self.servers), os.getpid())
+        except Exception:
+            # A server whose statistics() fails (a user's class): its figures
+            # are advisory, the worker serves on; said once, then not tried again.
+            log.exception("worker %d: its figures cannot be read; not published", self.id)
+            self.figures = None
 
     def _control(self, start: float) -> int:
         sel = selectors.DefaultSelector()
