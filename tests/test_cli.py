@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from netserve._core._errors import AddressError
-from netserve._serving._cli import BindAddress, parse_bind
+from netserve._serving._cli import BindAddress, _address_text, parse_bind
 from tests.conftest import connect
 
 BANNER = re.compile(r"netserve: upper-case echo server listening on (\S+)\n")
@@ -167,3 +167,13 @@ def test_bad_bind_is_refused(text: str, message: str) -> None:
 def test_parse_bind(text: str, expected: BindAddress) -> None:
     assert parse_bind(text) == expected
     assert str(parse_bind(text)) == text
+
+
+def test_the_hint_for_a_tls_listener_is_openssl_s_client() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+        assert _address_text(sock) == (f"127.0.0.1:{port}", f"nc 127.0.0.1 {port}")
+        assert _address_text(sock, tls=True) == (
+            f"127.0.0.1:{port}",
+            f"openssl s_client -connect 127.0.0.1:{port}",
+        )

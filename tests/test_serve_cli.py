@@ -197,7 +197,7 @@ def test_proxy_protocol_options(app_dir: Path, target: str) -> None:
         proc.send_signal(signal.SIGTERM)
 
 
-def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(app_dir: Path, *args: str, env: dict[str, str] | None = None) -> Any:
     return subprocess.run(
         [sys.executable, "-m", "netserve", *args],
         cwd=app_dir,
@@ -205,6 +205,7 @@ def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -237,6 +238,13 @@ def run(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
             ["app:factory", "--proxy-protocol", "v2", "--proxy-trusted", "127.0.0.1"],
             "not a factory",
         ),
+        (["app:Echo", "--udp"], "Echo is a stream handler: --udp needs a DatagramRequestHandler"),
+        (["app:Datagrams"], "Datagrams is a datagram handler: serve it with --udp"),
+        # --check checks what serving would.
+        (
+            ["app:Echo", "--check", "--proxy-protocol", "v1", "--proxy-trusted", "x"],
+            "'x' is not an address",
+        ),
     ],
 )
 def test_a_mistake_is_one_line_and_status_2(app_dir: Path, args: list[str], message: str) -> None:
@@ -245,6 +253,35 @@ def test_a_mistake_is_one_line_and_status_2(app_dir: Path, args: list[str], mess
     assert result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("NETSERVE_WORKERS", "abc", "NETSERVE_WORKERS: argument -w/--workers: 'abc' is not a"),
+        ("NETSERVE_MODEL", "turbo", "NETSERVE_MODEL: argument --model: invalid choice: 'turbo'"),
+        ("NETSERVE_DRAIN_DELAY", "-3", "NETSERVE_DRAIN_DELAY: argument --drain-delay: '-3' must"),
+        ("NETSERVE_LOG_FORMAT", "xml", "NETSERVE_LOG_FORMAT: argument --log-format: invalid"),
+        ("NETSERVE_LOG_LEVEL", "loud", "NETSERVE_LOG_LEVEL: argument --log-level: invalid"),
+        ("NETSERVE_UDP", "maybe", "NETSERVE_UDP='maybe': a flag's variable is one of"),
+        ("NETSERVE_BIND", "nonsense", "NETSERVE_BIND: argument -b/--bind: 'nonsense' is not"),
+    ],
+)
+def test_a_mistake_in_a_variable_is_one_line_naming_it(
+    app_dir: Path, variable: str, value: str, message: str
+) -> None:
+    result = run(app_dir, "app:Echo", "--check", env={variable: value})
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1), result.stderr
+    assert result.stderr.startswith("netserve: " + message), result.stderr
+
+
+def test_variables_are_checked_and_the_command_line_wins(app_dir: Path) -> None:
+    env = {"NETSERVE_MODEL": "green", "NETSERVE_UDP": "0", "NETSERVE_WORKERS": "x"}
+    result = run(app_dir, "app:Echo", "--check", "--workers", "2", env=env)
+    assert result.returncode == 0, result.stderr  # --workers given: its variable unused
+    assert result.stdout == "netserve: app:Echo is servable with the green model\n"
+    result = run(app_dir, "app:Echo", "--check", env={"NETSERVE_UDP": "yes"})
+    assert "is a stream handler" in result.stderr  # the flag is on
 
 
 def test_an_address_in_use_is_one_line_and_status_2(app_dir: Path) -> None:

@@ -81,6 +81,8 @@ def test_tls_served_and_hup_loads_the_new_certificate(app_dir: Path, ca: trustme
         (["--certfile", "missing.pem", "--udp"], "no DTLS"),
         (["--keyfile", "k.pem"], "--keyfile is for TLS"),
         (["--certfile", "c.pem", "--cert-reqs", "sometimes"], "invalid choice"),
+        # The system's trust store is for servers: client certificates need their CAs.
+        (["--certfile", "c.pem", "--cert-reqs", "required"], "tls_ca_certs must name the CAs"),
     ],
 )
 def test_tls_mistakes_are_one_line_and_status_2(

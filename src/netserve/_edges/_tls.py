@@ -326,6 +326,13 @@ def tls_policy(server: Any, *, cooperative: bool = False) -> TLSPolicy | None:
                 f"tls_cert_reqs must be 'none', 'optional' or 'required', not {reqs!r}"
             )
         reqs = _CERT_REQS[reqs]
+    if reqs != ssl.CERT_NONE and context is None and not getattr(server, "tls_ca_certs", None):
+        # The system's trust store is for checking servers: any public CA's
+        # customer would pass as a client.
+        raise ConfigurationError(
+            "tls_cert_reqs asks for client certificates: tls_ca_certs must name the CAs "
+            "that sign them (--ca-certs)"
+        )
     alpn = getattr(server, "tls_alpn", None)
     if isinstance(alpn, str):
         alpn = [alpn]

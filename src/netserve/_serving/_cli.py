@@ -96,7 +96,7 @@ def parse_bind(text: str) -> BindAddress:
         return BindAddress(socket.AF_UNIX, path)
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise AddressError(f"{text!r} is not HOST:PORT, [IPV6]:PORT or unix:PATH")
+        raise AddressError(f"{text!r} is not HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         family = socket.AF_INET6
@@ -209,8 +209,12 @@ def _admin_bind_arg(text: str) -> BindAddress:
 class _Parser(argparse.ArgumentParser):
     """argparse, with a user's mistake as one line on stderr (exit status 2)."""
 
+    def __init__(self, *args: Any, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prefix = prefix  # where the words came from (a variable)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(USAGE_ERROR, f"netserve: {message}\n")
+        self.exit(USAGE_ERROR, f"netserve: {self.prefix}{message}\n")
 
 
 class _UsageError(Exception):
@@ -230,9 +234,60 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return parse
 
 
-# Each option's NETSERVE_* variable: the option's long name, upper-cased.
+# Each option's NETSERVE_* variable: the option's long name, upper-cased
+# (NETSERVE_TARGET for MODULE:ATTR). The command line wins over the variable.
 def _env(name: str, default: Any = None) -> Any:
-    return os.environ.get("NETSERVE_" + name.upper().replace("-", "_"), default)
+    return os.environ.get(_variable(name), default)
+
+
+def _variable(option: str) -> str:
+    return "NETSERVE_" + option.lstrip("-").upper().replace("-", "_")
+
+
+# Repeatable options: their variable is a comma-separated list.
+_LISTS = ("--bind", "--proxy-trusted")
+# A flag's variable: on, off, or a mistake.
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off", "")
+# Options no variable sets.
+_NOT_FROM_ENVIRONMENT = ("--help", "--version", "--check")
+
+
+def _from_environment(argv: list[str]) -> list[str]:
+    """The NETSERVE_* variables as command-line words, for the options the
+    command line does not give; each variable is checked as its option would
+    be, and a mistake is one line naming the variable (status 2)."""
+    probe = _build_parser()
+    given = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
+    given |= {word[:2] for word in argv if word.startswith("-") and not word.startswith("--")}
+    words: list[str] = []
+    # argparse keeps its actions in a private list; it is the one place that
+    # names every option with its type and choices.
+    for action in probe._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or longs[0] in _NOT_FROM_ENVIRONMENT:
+            continue
+        option = longs[0]
+        name = _variable(option)
+        value = os.environ.get(name)
+        if value is None or given & set(action.option_strings):
+            continue
+        if action.nargs == 0:  # a flag
+            if value.strip().lower() not in _ON + _OFF:
+                probe.error(
+                    f"{name}={value!r}: a flag's variable is one of {', '.join(_ON)} or "
+                    f"{', '.join(_OFF[:-1])}"
+                )
+            ours = [option] if value.strip().lower() in _ON else []
+        elif option in _LISTS:
+            ours = [w for item in value.split(",") if item.strip() for w in (option, item.strip())]
+        else:
+            ours = [option, value]
+        probe.prefix = f"{name}: "
+        probe.parse_args(ours)  # a mistake ends here, naming the variable
+        probe.prefix = ""
+        words += ours
+    return words
 
 
 def _build_parser() -> _Parser:
@@ -244,7 +299,7 @@ def _build_parser() -> _Parser:
         ),
         epilog="Every option can also be set as NETSERVE_<OPTION> (e.g. NETSERVE_WORKERS=4).",
     )
-    parser.add_argument("target", nargs="?", metavar="MODULE:ATTR", default=_env("target"))
+    parser.add_argument("target", nargs="?", metavar="MODULE:ATTR")
     parser.add_argument(
         "-b",
         "--bind",
@@ -258,72 +313,72 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "--udp",
         action="store_true",
-        default=bool(_env("udp")),
+        default=False,
         help="datagram sockets instead of streams (for a DatagramRequestHandler)",
     )
     parser.add_argument(
         "--model",
         choices=MODELS,
-        default=_env("model", DEFAULT_MODEL),
+        default=DEFAULT_MODEL,
         help=f"concurrency model (default {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "-w",
         "--workers",
         type=_positive(int),
-        default=int(_env("workers", 1)),
+        default=1,
         help="worker processes, each serving every socket (default 1, always supervised)",
     )
     parser.add_argument(
         "--threads",
         type=_positive(int),
-        default=_env("threads"),
+        default=None,
         help="the pool's threads per worker (its max_workers; --model pool only)",
     )
     parser.add_argument(
         "--timeout",
         type=_positive(float),
-        default=float(_env("timeout", 30)),
+        default=30.0,
         metavar="S",
         help="a worker whose serving loop is silent this long is replaced (default 30)",
     )
     parser.add_argument(
         "--max-requests",
         type=_positive(int),
-        default=int(_env("max-requests", 0)),
+        default=0,
         metavar="N",
         help="recycle a worker after N requests (default 0: never)",
     )
     parser.add_argument(
         "--max-requests-jitter",
         type=_positive(int),
-        default=int(_env("max-requests-jitter", 0)),
+        default=0,
         metavar="N",
         help="add 0..N to each worker's --max-requests",
     )
     parser.add_argument(
         "--preload",
         action="store_true",
-        default=bool(_env("preload")),
+        default=False,
         help="import the code once, in the supervisor (a reload then keeps it)",
     )
     parser.add_argument(
         "--graceful-timeout",
         type=_positive(float),
-        default=float(_env("graceful-timeout", 30)),
+        default=30.0,
         metavar="S",
         help="how long SIGTERM lets requests in progress finish (default 30)",
     )
     parser.add_argument(
         "--reuse-port",
         action="store_true",
-        default=bool(_env("reuse-port")),
+        default=False,
         help="a SO_REUSEPORT listener per worker: the kernel spreads the connections",
     )
     parser.add_argument(
         "--proxy-protocol",
         choices=["v1", "v2", "any"],
-        default=_env("proxy-protocol"),
+        default=None,
         help="expect a PROXY protocol header from the --proxy-trusted peers",
     )
     parser.add_argument(
@@ -336,7 +391,7 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "--metrics-bind",
         type=_admin_bind_arg,
-        default=_env("metrics-bind"),
+        default=None,
         metavar="ADDRESS",
         help="serve /metrics, /livez and /readyz over HTTP here: [HOST:]PORT "
         "(127.0.0.1 unless a host is given) or unix:PATH",
@@ -344,72 +399,72 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "--drain-delay",
         type=_positive(float),
-        default=float(_env("drain-delay", 0)),
+        default=0.0,
         metavar="S",
         help="on SIGTERM, /readyz answers 503 at once and serving goes on S seconds "
         "before the drain starts (default 0)",
     )
     parser.add_argument(
         "--hooks",
-        default=_env("hooks"),
+        default=None,
         metavar="MODULE[:ATTR]",
         help="an object (a module, a class) whose post_fork(worker_id), worker_start(servers) "
         "and worker_exit(worker_id, code) attributes, each optional, are the worker hooks",
     )
     parser.add_argument(
-        "--user", default=_env("user"), help="workers run as this user (switched after the fork)"
+        "--user", default=None, help="workers run as this user (switched after the fork)"
     )
-    parser.add_argument("--group", default=_env("group"), help="workers run as this group")
+    parser.add_argument("--group", default=None, help="workers run as this group")
     parser.add_argument(
         "--certfile",
-        default=_env("certfile"),
+        default=None,
         metavar="FILE",
         help="serve TLS with this certificate",
     )
     parser.add_argument(
-        "--keyfile", default=_env("keyfile"), metavar="FILE", help="its key (else in --certfile)"
+        "--keyfile", default=None, metavar="FILE", help="its key (else in --certfile)"
     )
     parser.add_argument(
         "--ca-certs",
-        default=_env("ca-certs"),
+        default=None,
         metavar="FILE",
         help="CA certificates to check client certificates against",
     )
     parser.add_argument(
         "--cert-reqs",
         choices=["none", "optional", "required"],
-        default=_env("cert-reqs"),
+        default=None,
         help="client certificates: none (default), optional, required",
     )
     parser.add_argument(
         "--alpn",
-        default=_env("alpn"),
+        default=None,
         metavar="LIST",
         help="ALPN protocols offered, comma-separated (e.g. h2,http/1.1)",
     )
-    parser.add_argument("--umask", default=_env("umask"), help="octal, as in 022")
+    parser.add_argument("--umask", default=None, help="octal, as in 022")
     parser.add_argument(
-        "--chdir", default=_env("chdir"), metavar="DIR", help="change to DIR before importing"
+        "--chdir", default=None, metavar="DIR", help="change to DIR before importing"
     )
     parser.add_argument(
-        "--pid", default=_env("pid"), metavar="FILE", help="write the supervisor's pid to FILE"
+        "--pid", default=None, metavar="FILE", help="write the supervisor's pid to FILE"
     )
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error", "critical"],
-        default=_env("log-level", "info"),
+        default="info",
         help="the least severe records logged on stderr (default info)",
     )
     parser.add_argument(
         "--access-log",
         action="store_true",
-        default=bool(_env("access-log")),
+        default=False,
         help="log a line per request on netserve.access: peer, client, duration, bytes, outcome",
     )
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=_env("log-format", "text"),
+        default="text",
         help="text lines, or one JSON object per line for log shippers (default text)",
     )
     parser.add_argument(
@@ -426,12 +481,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``netserve`` command; returns the exit status."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.bind is None and _env("bind"):
-        try:
-            args.bind = [parse_bind(text) for text in str(_env("bind")).split(",")]
-        except AddressError as exc:
-            parser.error(f"NETSERVE_BIND: {exc}")
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_from_environment(words) + words)
+    if args.target is None:
+        args.target = _env("target") or None
     if args.target is None:
         return _serve_demo(args.bind[0] if args.bind else parse_bind(DEFAULT_BIND))
     try:
@@ -449,6 +502,30 @@ def main(argv: list[str] | None = None) -> int:
                 frames = frames.tb_next
             traceback.print_exception(type(cause), cause, frames)
         return USAGE_ERROR
+
+
+def _check_policies(attributes: dict[str, Any], families: set[int]) -> None:
+    """The PROXY and TLS settings, as each server will check them (the TLS
+    files are read: a missing one is one line, status 2)."""
+    for family in families:
+        settings = SimpleNamespace(**attributes, address_family=family)
+        proxy_policy(settings)
+        tls_policy(settings)
+
+
+def _check_kind(target: Any, *, udp: bool) -> None:
+    """A handler class must be of the sockets' kind: a stream handler cannot
+    serve datagrams, nor a datagram handler streams (the stdlib's classes are
+    told apart by name: netserve never imports the stdlib's socketserver)."""
+    if not isinstance(target, type):
+        return
+    names = {klass.__name__ for klass in target.__mro__}
+    if udp and "StreamRequestHandler" in names:
+        raise _UsageError(
+            f"{target.__name__} is a stream handler: --udp needs a DatagramRequestHandler"
+        )
+    if not udp and "DatagramRequestHandler" in names:
+        raise _UsageError(f"{target.__name__} is a datagram handler: serve it with --udp")
 
 
 def _not_users(filename: str) -> bool:
@@ -481,9 +558,17 @@ def _serve_target(args: argparse.Namespace) -> int:
     before = set(sys.modules)
     target = load_target(args.target)
     hooks = _load_hooks(args.hooks)
+    _check_kind(target, udp=args.udp)
     maker = server_maker(target, args.model, threads=args.threads, attributes=attributes)
     user_modules = set(sys.modules) - before
     identity = _identity(args.user, args.group)
+    if attributes and (args.bind or "LISTEN_FDS" not in os.environ):
+        # Checked here, for --check too, not first in the workers: a
+        # contradiction is the user's mistake (one line, status 2), not a
+        # worker that fails. (Socket-activated sockets are checked once known.)
+        _check_policies(
+            attributes, {b.family for b in args.bind or [parse_bind(DEFAULT_TARGET_BIND)]}
+        )
     if args.check:
         print(f"netserve: {args.target} is servable with the {args.model} model")
         return 0
@@ -516,16 +601,10 @@ def _serve_target(args: argparse.Namespace) -> int:
     sockets = _listen(args)
     admin: socket.socket | None = None
     try:
+        if attributes:
+            _check_policies(attributes, {sock.family for sock in sockets})
         if args.metrics_bind is not None:
             admin = _open(args.metrics_bind, socket.SOCK_STREAM, reuse_port=False)
-        if attributes:
-            # Checked here, not first in the workers: a contradiction is the
-            # user's mistake (one line, status 2), not a worker that fails.
-            for sock in sockets:
-                settings = SimpleNamespace(**attributes, address_family=sock.family)
-                proxy_policy(settings)
-                # The files are read here too: a missing one is one line, status 2.
-                tls_policy(settings)
         supervisor = Supervisor(
             make_servers,
             sockets,
@@ -591,8 +670,6 @@ def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
 def _proxy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The server attributes --proxy-protocol and --proxy-trusted set."""
     trusted = args.proxy_trusted
-    if trusted is None and _env("proxy-trusted"):
-        trusted = [entry.strip() for entry in str(_env("proxy-trusted")).split(",")]
     if args.proxy_protocol is None:
         if trusted:
             raise _UsageError("--proxy-trusted is for --proxy-protocol")
@@ -729,19 +806,25 @@ def _switch_to(identity: _Identity) -> None:
         os.setuid(identity.uid)
 
 
-def _address_text(sock: socket.socket) -> tuple[str, str]:
-    """How a listening socket is reached: its address, and a command that talks to it."""
+def _address_text(sock: socket.socket, *, tls: bool = False) -> tuple[str, str]:
+    """How a listening socket is reached: its address, and a command that talks
+    to it (``openssl s_client`` when it speaks TLS)."""
     address = sock.getsockname()
     if sock.family == getattr(socket, "AF_UNIX", None):
         shown = _unix_text(address)
         if shown.startswith("@"):
             return f"unix:{shown}", f"socat - ABSTRACT-CONNECT:{shown[1:]}"
+        if tls:
+            return f"unix:{shown}", f"openssl s_client -unix {shown}"
         return f"unix:{shown}", f"nc -U {shown}"
     host, port = address[0], address[1]
     # A wildcard address is not one a client can connect to: name loopback.
     reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     udp = " -u" if sock.type == socket.SOCK_DGRAM else ""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls:
+        target = f"[{reach}]:{port}" if ":" in reach else f"{reach}:{port}"
+        return shown, f"openssl s_client -connect {target}"
     return shown, f"nc{udp} {reach} {port}"
 
 
@@ -756,7 +839,7 @@ def _supervise(supervisor: Supervisor, sockets: list[socket.socket], args: Any) 
             pidfile.write(f"{os.getpid()}\n")
     try:
         for sock in sockets:
-            shown, hint = _address_text(sock)
+            shown, hint = _address_text(sock, tls=bool(args.certfile))
             print(
                 f"netserve: serving {args.target} ({args.model} model) on {shown}   (try: {hint})",
                 flush=True,

@@ -415,7 +415,12 @@ class Supervisor:
 
     def _loop(self) -> int:
         assert self._selector is not None
-        log.info("supervisor (pid %d): starting %d workers", os.getpid(), self.workers)
+        log.info(
+            "supervisor (pid %d): starting %d worker%s",
+            os.getpid(),
+            self.workers,
+            "" if self.workers == 1 else "s",
+        )
         self._spawn_missing(time.monotonic())
         while True:
             now = time.monotonic()
