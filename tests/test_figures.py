@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import socket
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 import netserve
+from netserve._core._connections import COUNTER_NAMES, ConnectionTable
 from netserve._serving._figures import COUNTERS, GAUGES, Board, figures_of
 from tests.conftest import Serving, connect, recv_all
 
@@ -168,3 +170,11 @@ def test_a_write_under_way_reads_as_the_last_figures_never_as_none() -> None:
         assert board.totals()["handled"] == 5
     finally:
         board.close()
+
+
+def test_the_counters_are_the_statistics_fields_that_only_grow() -> None:
+    server_fields = {f.name for f in dataclasses.fields(netserve.ServerStatistics)}
+    supervisor_fields = {f.name for f in dataclasses.fields(netserve.SupervisorStatistics)}
+    assert set(COUNTER_NAMES) <= server_fields & supervisor_fields
+    table_counters = set(ConnectionTable().counters())
+    assert table_counters == {*COUNTER_NAMES, "active", "timeouts_by_kind"}

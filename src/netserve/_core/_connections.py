@@ -48,6 +48,7 @@ __all__ = [
     "STAGE_FAILED",
     "TIMED_OUT",
     "TIMEOUT_KINDS",
+    "COUNTER_NAMES",
     "ConnectionTable",
     "ServerStatistics",
     "client_host",
@@ -119,6 +120,22 @@ def client_host(client_address: Any) -> str | None:
         return None
     # An IPv4 client on a dual-stack listener is the same client as on IPv4.
     return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+#: The fields of ``ServerStatistics`` that only grow (what a supervisor sums
+#: over its workers, and keeps past them: ``_figures``).
+COUNTER_NAMES = (
+    "accepted",
+    "refused",
+    "handled",
+    "errors",
+    "timeouts",
+    "stage_failures",
+    "accept_errors",
+    "disconnects",
+    "lines_too_long",
+    "limited",
+)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from netserve._core._connections import TIMEOUT_KINDS
+from netserve._core._connections import COUNTER_NAMES, TIMEOUT_KINDS
 
 __all__ = [
     "COUNTERS",
@@ -45,16 +45,7 @@ __all__ = [
 #: Counters: they only grow, and survive their worker. ``timeouts:<kind>`` are
 #: ``ServerStatistics.timeouts_by_kind`` (``timeouts:`` when the kind is unknown).
 COUNTERS: tuple[str, ...] = (
-    "accepted",
-    "refused",
-    "handled",
-    "errors",
-    "timeouts",
-    "stage_failures",
-    "accept_errors",
-    "disconnects",
-    "lines_too_long",
-    "limited",
+    *COUNTER_NAMES,
     *(f"timeouts:{kind}" for kind in TIMEOUT_KINDS),
 )
 #: Gauges: now, summed over the live workers. ``threads`` and ``busy_threads``
@@ -128,9 +119,7 @@ class SupervisorStatistics:
     @classmethod
     def from_totals(cls, totals: Mapping[str, int], **state: Any) -> SupervisorStatistics:
         """Built from ``Board.totals()`` and the supervisor's own state."""
-        plain: dict[str, Any] = {
-            name: totals[name] for name in COUNTERS + GAUGES if ":" not in name
-        }
+        plain: dict[str, Any] = {name: totals[name] for name in COUNTER_NAMES + GAUGES}
         by_kind = {
             name.partition(":")[2]: count
             for name, count in totals.items()
@@ -149,7 +138,7 @@ def figures_of(servers: Iterable[Any]) -> dict[str, int]:
         if statistics is None:
             continue
         stats = statistics()
-        for name in COUNTERS[: len(COUNTERS) - len(TIMEOUT_KINDS)]:
+        for name in COUNTER_NAMES:
             totals[name] += int(getattr(stats, name, 0))
         by_kind: Mapping[str, int] = getattr(stats, "timeouts_by_kind", {})
         for kind, count in by_kind.items():
