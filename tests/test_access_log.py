@@ -16,8 +16,7 @@ from netserve._core._access import outcome_name
 from netserve._core._connections import DISCONNECTED, FAILED, HANDLED, timed_out
 from tests.conftest import Serving, connect, recv_all
 from tests.models import MODELS
-from tests.test_health import LogLines
-from tests.test_serve_cli import app_dir, serving
+from tests.test_serve_cli import LogLines, app_dir, serving
 
 __all__ = ["app_dir"]  # the fixture, used here
 

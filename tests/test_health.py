@@ -6,17 +6,15 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import select
 import signal
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import connect
-from tests.test_serve_cli import app_dir, serving
+from tests.test_serve_cli import LogLines, app_dir, serving
 
-__all__ = ["app_dir"]  # the fixture, used here
+__all__ = ["LogLines", "app_dir"]  # the fixture, used here; the reader, for others
 
 ADMIN = re.compile(r"netserve: health and metrics on (\S+):(\d+): ")
 SERVING = r"worker \d+ \(pid (\d+)\) serving"
@@ -46,41 +44,6 @@ def echo(address: Any, text: bytes) -> None:
     with connect(address) as client:
         client.sendall(text + b"\n")
         assert client.recv(100) == text.upper() + b"\n"
-
-
-class LogLines:
-    """The command's stderr, line by line, each waited for at most 20 s.
-
-    Read from the descriptor with our own buffer: a line already in a file
-    object's buffer is one a wait on the descriptor would never see."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        self.fd = proc.stderr.fileno()
-        self.buffer = b""
-
-    def next(self) -> str:
-        while b"\n" not in self.buffer:
-            ready, _, _ = select.select([self.fd], [], [], 20)
-            if not ready:
-                raise AssertionError("no log line in time")
-            data = os.read(self.fd, 65536)
-            if not data:
-                raise AssertionError("the command's stderr ended")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode()
-
-    def until(self, pattern: str, count: int = 1) -> list[str]:
-        """The first group of each of the next ``count`` lines matching ``pattern``."""
-        found: list[str] = []
-        for _ in range(200):  # lines: bounded
-            match = re.search(pattern, self.next())
-            if match:
-                found.append(match[1] if match.groups() else match[0])
-                if len(found) == count:
-                    return found
-        raise AssertionError(f"no {count} lines matching {pattern}: {found}")
 
 
 def test_health_metrics_and_the_drain_delay(app_dir: Path) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import connect, recv_all, tool
-from tests.test_health import ADMIN, SERVING, LogLines, get
-from tests.test_serve_cli import serving
+from tests.test_health import ADMIN, SERVING, get
+from tests.test_serve_cli import LogLines, serving
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "haproxy"
 # Above the config's fall x inter (2 x 250 ms) with room for a busy machine.

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import netserve
-from tests.test_health import LogLines
-from tests.test_serve_cli import app_dir, serving
+from tests.test_serve_cli import LogLines, app_dir, serving
 
 __all__ = ["app_dir"]  # the fixture, used here
 

@@ -10,6 +10,7 @@ import grp
 import os
 import pwd
 import re
+import select
 import selectors
 import signal
 import socket
@@ -402,13 +403,14 @@ def test_workers_serve_and_hup_reloads_the_code_afresh(app_dir: Path) -> None:
         assert first_pid != proc.pid  # a worker answers, not the supervisor
         # Code that no longer imports: the reload fails, the old workers serve on.
         (app_dir / "versioned.py").write_text("raise RuntimeError('broken')\n")
+        log = LogLines(proc)
         proc.send_signal(signal.SIGHUP)
-        assert _read_stderr_until(proc, "reload failed")
+        log.until("reload failed")
         assert ask(address)[0] == b"v1"
         # New code: new workers import it; the old ones drain and go.
         (app_dir / "versioned.py").write_text(VERSIONED.format(version="v2"))
         proc.send_signal(signal.SIGHUP)
-        assert _read_stderr_until(proc, "reload done")
+        log.until("reload done")
         # An old worker may take a connection or two before its drain starts:
         # those still get whole replies (from v1); then only v2 answers.
         replies = [ask(address) for _ in range(50)]
@@ -420,42 +422,47 @@ def test_workers_serve_and_hup_reloads_the_code_afresh(app_dir: Path) -> None:
         assert proc.returncode == 0
 
 
-def _read_stderr_until(proc: subprocess.Popen[str], text: str) -> bool:
-    """Read the command's log lines until one contains ``text`` (20 s at most)."""
-    assert proc.stderr is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stderr, selectors.EVENT_READ)
-        for _ in range(200):  # lines, each waited for at most 20 s
-            if not selector.select(20):
-                return False
-            line = proc.stderr.readline()
-            if not line:
-                return False
-            if text in line:
-                return True
-    return False
+class LogLines:
+    """The command's stderr, line by line, each waited for at most 20 s.
+
+    Read from the descriptor with our own buffer: a line already in a file
+    object's buffer is one a wait on the descriptor would never see."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.fd = proc.stderr.fileno()
+        self.buffer = b""
+
+    def next(self) -> str:
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.fd], [], [], 20)
+            if not ready:
+                raise AssertionError("no log line in time")
+            data = os.read(self.fd, 65536)
+            if not data:
+                raise AssertionError("the command's stderr ended")
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def matches(self, pattern: str | re.Pattern[str], count: int = 1) -> list[re.Match[str]]:
+        """The matches of the next ``count`` lines matching ``pattern``."""
+        found: list[re.Match[str]] = []
+        for _ in range(500):  # lines: bounded
+            match = re.search(pattern, self.next())
+            if match:
+                found.append(match)
+                if len(found) == count:
+                    return found
+        raise AssertionError(f"no {count} lines matching {pattern}: {found}")
+
+    def until(self, pattern: str, count: int = 1) -> list[str]:
+        """The first group of each of the next ``count`` lines matching ``pattern``."""
+        return [m[1] if m.groups() else m[0] for m in self.matches(pattern, count)]
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
-
-
-def _stderr_matches(proc: subprocess.Popen[str], pattern: re.Pattern[str], count: int) -> list[Any]:
-    """The next ``count`` log lines that match ``pattern`` (each waited for 20 s at most)."""
-    assert proc.stderr is not None
-    found = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stderr, selectors.EVENT_READ)
-        for _ in range(500):
-            if len(found) == count:
-                return found
-            assert selector.select(20), f"no line matching {pattern.pattern!r} in 20 s"
-            line = proc.stderr.readline()
-            assert line, f"the log ended before {count} lines matched {pattern.pattern!r}"
-            match = pattern.search(line)
-            if match:
-                found.append(match)
-    raise AssertionError(f"{count} lines matching {pattern.pattern!r} not found")
 
 
 def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path) -> None:
@@ -464,7 +471,8 @@ def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path)
     args = ["serve_hooks:Journaled", "--hooks", "serve_hooks:Hooks", "-w", "2", "-b", "127.0.0.1:0"]
     env = {"PYTHONPATH": str(EXAMPLES), "NETSERVE_MODEL": "threading"}
     with serving(tmp_path, *args, env=env) as (proc, _, address):
-        first = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
+        log = LogLines(proc)
+        first = {int(m[2]): m[1] for m in log.matches(SERVING, 2)}
         with connect(address) as client:
             client.sendall(b"one\n")
             client.shutdown(socket.SHUT_WR)
@@ -473,10 +481,10 @@ def test_hooks_run_in_every_worker_in_replacements_and_after_hup(tmp_path: Path)
         assert line == b"one"
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
-        (replaced,) = _stderr_matches(proc, SERVING, 1)
+        (replaced,) = log.matches(SERVING, 1)
         proc.send_signal(signal.SIGHUP)
-        second = {int(m[2]): m[1] for m in _stderr_matches(proc, SERVING, 2)}
-        _stderr_matches(proc, re.compile("reload done"), 1)
+        second = {int(m[2]): m[1] for m in log.matches(SERVING, 2)}
+        log.until("reload done")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0

@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from tests.conftest import connect
-from tests.test_serve_cli import _read_stderr_until, app_dir, run, serving
+from tests.test_serve_cli import LogLines, app_dir, run, serving
 
 __all__ = ["app_dir"]
 
@@ -65,8 +65,9 @@ def test_tls_served_and_hup_loads_the_new_certificate(app_dir: Path, ca: trustme
         renewed = issue(ca, app_dir, "renewed")
         shutil.copy(app_dir / "renewed.pem", app_dir / "server.pem")
         shutil.copy(app_dir / "renewed.key", app_dir / "server.key")
+        log = LogLines(proc)
         proc.send_signal(signal.SIGHUP)
-        assert _read_stderr_until(proc, "reload done")
+        log.until("reload done")
         seen = [peer_certificate(address, app_dir / "ca.pem") for _ in range(20)]
         assert seen[-1] == renewed
         proc.send_signal(signal.SIGTERM)
