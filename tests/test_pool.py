@@ -433,3 +433,64 @@ def test_a_connection_that_spoke_while_parked_is_not_overtaken() -> None:
             if late is not None:
                 late.close()
     assert served == [b"early", b"late"]
+
+
+def test_a_batch_of_accepts_takes_no_more_than_the_queue_has_room_for() -> None:
+    # The loop accepts several connections per readiness of the listener, but
+    # never more than the queue has room for: a connection that has spoken is a
+    # request, and one taken beyond the room would wait parked in this process
+    # instead of in the kernel's backlog. The loop is held inside a batch (in
+    # verify_request) until more clients than the room have connected and spoken.
+    class Server(PoolServer):
+        max_workers = 1
+        queue_size = 2
+        accept_batch = 16
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.hold = threading.Event()
+            self.held = threading.Event()
+            self.resume = threading.Event()
+            self.queue_full = threading.Event()
+            super().__init__(*args, **kwargs)
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            if self.hold.is_set():
+                self.hold.clear()
+                self.held.set()
+                assert self.resume.wait(10)
+            return True
+
+        def service_actions(self) -> None:
+            # Every pass of the loop: the batch is over once the queue is full
+            # and the loop has stopped watching the listener.
+            stats = self.statistics()
+            if not stats.accepting and stats.busy_workers == 1 and stats.queued == 2:
+                self.queue_full.set()
+
+    server = Server(("127.0.0.1", 0), Gated)
+    with Serving(server) as serving:
+        first = connect(serving.address)
+        rest: list[socket.socket] = []
+        try:
+            first.sendall(b"one\n")
+            assert server.entered.acquire(timeout=10)  # the only worker is busy
+            server.hold.set()
+            rest = [connect(serving.address) for _ in range(5)]
+            for client in rest:
+                client.sendall(b"more\n")
+            assert server.held.wait(10)  # inside the batch that took rest[0]
+            server.resume.set()
+            assert server.queue_full.wait(10), server.statistics()
+            stats = server.statistics()
+            # Two taken (the room), none parked; three wait in the backlog.
+            assert (stats.queued, stats.parked, server.accepted) == (2, 0, 3), stats
+            server.gate.set()
+            assert first.recv(100) == b"ONE\n"
+            for client in rest:
+                assert client.recv(100) == b"MORE\n"
+            assert server.accepted == 6
+        finally:
+            server.gate.set()
+            server.resume.set()
+            for client in [first, *rest]:
+                client.close()

@@ -260,7 +260,7 @@ class BaseServer:
                         for key, _ in ready:
                             if key.data is None:
                                 if not self._netserve_is_draining:
-                                    acceptor.accept(batch)
+                                    acceptor.accept(self._netserve_accept_room(batch))
                             elif key.data is _WAKER:
                                 drain(waker)
                             else:
@@ -360,6 +360,12 @@ class BaseServer:
         if sock is None or sock.type != socket.SOCK_STREAM:
             return 1
         return max(1, self.accept_batch)
+
+    def _netserve_accept_room(self, batch: int) -> int:
+        """How many of ``batch`` to take at this readiness of the listener (the
+        loop asks each time; a model with a bounded hand-off says how much room
+        it has)."""
+        return batch
 
     def statistics(self) -> ServerStatistics:
         """An immutable snapshot of the server's counters (``ServerStatistics``)."""

@@ -285,10 +285,11 @@ class ThreadPoolMixIn(_MixInBase):
     request_queue_size: int = socket.SOMAXCONN
     # server_close() waits for the workers to finish what was handed to them.
     block_on_close: bool = True
-    # One connection per readiness of the listener, as the stdlib takes them: a
-    # batch larger than the queue's room parks connections that have already
-    # spoken (epoll calls for nothing) and wakes workers in a burst.
-    accept_batch: int = 1
+    # Connections taken per readiness of the listener, never more than the
+    # queue has room for (_netserve_accept_room): a batch larger than the room
+    # parked connections that had already spoken (epoll calls for nothing),
+    # while one at a time paid a pass of the loop per connection.
+    accept_batch: int = 16
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Before the server's own __init__: a failed bind calls server_close().
@@ -485,6 +486,10 @@ class ThreadPoolMixIn(_MixInBase):
             job = (parked.request, parked.client_address, None)
             if not pool.offer(job):
                 self._netserve_overflow.append(job)
+
+    def _netserve_accept_room(self, batch: int) -> int:
+        # The loop watches the listener only while the queue has room (below).
+        return max(1, min(batch, self._netserve_pool_state.room()))
 
     def _netserve_accept_allowed(self) -> bool:
         # Called by the loop before each wait, after _netserve_before_wait().
