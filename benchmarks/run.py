@@ -222,8 +222,11 @@ class Server:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "READY <port>", once it listens
         if not line.startswith("READY "):
+            # Its last words first: stop() closes the pipes.
+            self.proc.kill()
+            errors = self.proc.stderr.read() if self.proc.stderr is not None else ""
             self.stop()
-            raise RuntimeError(f"{row} did not start: {line!r} {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+            raise RuntimeError(f"{row} did not start: {line!r} {errors[-2000:]}")
         self.port = int(line.split()[1])
         self.core = core
 
