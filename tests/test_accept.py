@@ -487,6 +487,39 @@ def test_nothing_to_accept_and_aborted_are_skipped_silently(
     assert stats.accepted == 1, stats
 
 
+class FlappingAccept(FailingAccept):
+    """The descriptor table fills up again after every accept: get_request()
+    fails with EMFILE on every other call."""
+
+    def get_request(self) -> Any:
+        self.calls += 1
+        self.called.set()
+        if self.calls % 2:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super(FailingAccept, self).get_request()
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_table_that_fills_up_after_every_accept_logs_one_line(
+    model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each success ends an episode of back-off; the log must still say it once
+    # and then count (issue 10: "log one line, then a count every 10 s"), not
+    # write a line per episode (a probe saw 274 lines in 3 s).
+    caplog.set_level(logging.DEBUG, logger="netserve")
+    base = MODELS[model].tcp
+    server = type(f"Flapping{base.__name__}", (FlappingAccept, base), {})(("127.0.0.1", 0), Echo)
+    clients = 6
+    with Serving(server) as serving:
+        for i in range(clients):
+            with connect(serving.address) as client:
+                client.sendall(b"line %d\n" % i)
+                assert recv_line(client, time.monotonic() + PROMPT_S) == b"line %d\n" % i
+    stats = server.statistics()
+    assert stats.accept_errors >= clients, stats  # a failure before every client
+    check_logged_once(accept_records(caplog), errno.EMFILE)
+
+
 @pytest.mark.parametrize("code", list(BACKOFF_ERRORS), ids=errno_id)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_handle_request_logs_an_accept_error_and_returns(

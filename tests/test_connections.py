@@ -209,12 +209,20 @@ def test_rate_limited_log_reports_a_count_per_interval(caplog: pytest.LogCapture
             now[0] = float(second)
             limited.event("full")
             limited.event("full")
-        limited.clear()
+        # The condition ends and comes back four seconds after the last line:
+        # counted with the rest, not logged (a condition that comes and goes
+        # must not write a line each time it comes back).
+        now[0] = 24.0
         limited.event("full")
+        now[0] = 30.0
+        limited.event("full")  # the report is due: the count so far
+        now[0] = 41.0
+        limited.event("full")  # nothing since the last line: said plainly
     assert [record.getMessage() for record in caplog.records] == [
         "full",
         "full (20 more in the last 10 s)",
         "full (20 more in the last 10 s)",
+        "full (11 more in the last 10 s)",
         "full",
     ]
 

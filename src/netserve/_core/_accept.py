@@ -27,7 +27,9 @@ What an ``accept()`` failure means decides what the loop does next (issue 10,
 * Anything else is unexpected: logged at ERROR and backed off the same way,
   since a persistent error would otherwise spin just as well.
 
-A success ends the episode: the back-off starts again from the beginning.
+A success ends the episode: the back-off starts again from the beginning. The
+log lines stay at one per 10 s (``RateLimitedLog``), however often the table
+fills up again.
 """
 
 from __future__ import annotations
@@ -254,10 +256,6 @@ class Acceptor:
         self._delay = 0.0
         self._full_since = None
         self.paused_until = 0.0
-        self._log_full.clear()
-        self._log_memory.clear()
-        self._log_other.clear()
-        self._log_shed.clear()
         if self._reserve is None and self._serving:
             self._reserve = _open_reserve()
 

@@ -25,9 +25,12 @@ def get_logger(part: str) -> logging.Logger:
 class RateLimitedLog:
     """A condition that may repeat thousands of times a second, logged sparingly.
 
-    The first occurrence is logged at once; while the condition persists, one
-    line every ``interval`` seconds says how many more there were. ``clear()``
-    ends the episode, so the next occurrence is logged at once again.
+    At most one line per ``interval`` seconds: an occurrence is logged at once
+    when the last line is that old, with a count of the occurrences since that
+    line when there were any; the others are only counted. So a condition that
+    persists writes one line per interval, and so does one that comes and goes
+    (a descriptor table that fills up again after every accept: issue 10, "log
+    one line, then a count every 10 s").
     """
 
     __slots__ = ("_clock", "_interval", "_last", "_level", "_logger", "_since_last")
@@ -44,32 +47,29 @@ class RateLimitedLog:
         self._level = level
         self._interval = interval
         self._clock = clock
+        # When the last line was written (None: never), and the occurrences
+        # counted since.
         self._last: float | None = None
         self._since_last = 0
 
     def event(self, message: str, *args: object) -> None:
-        """Record one occurrence; log it if it starts an episode or a report is due."""
+        """Record one occurrence; log it if the last line is ``interval`` old."""
         now = self._clock()
-        if self._last is None:
-            self._last = now
-            self._since_last = 0
-            self._logger.log(self._level, message, *args)
+        last = self._last
+        if last is not None and now - last < self._interval:
+            self._since_last += 1
             return
-        self._since_last += 1
-        if now - self._last >= self._interval:
+        self._last = now
+        if self._since_last and last is not None:
             self._logger.log(
                 self._level,
                 message + " (%d more in the last %.0f s)",
                 *args,
-                self._since_last,
-                now - self._last,
+                self._since_last + 1,
+                now - last,
             )
-            self._last = now
-            self._since_last = 0
-
-    def clear(self) -> None:
-        """The condition has ended."""
-        self._last = None
+        else:
+            self._logger.log(self._level, message, *args)
         self._since_last = 0
 
 
