@@ -204,7 +204,6 @@ class SystemdNotifier:
             except OSError as exc:
                 self._failures.event("could not notify %s: %s", self.address, exc)
                 return False
-            self._failures.clear()
             return True
 
     def ready(self, status: str | None = None) -> bool:
