@@ -152,9 +152,10 @@ def test_a_listener_that_comes_back_is_notified_again(
             assert notifier.watchdog()
             assert _fields(sock) == ["WATCHDOG=1"]
         os.unlink(unix_path)
-        # A new episode: logged at once again.
+        # Gone again within seconds: counted under the log's rate limit, not
+        # logged again (one line per 10 s, however often it comes and goes).
         assert not notifier.watchdog()
-    assert len([r for r in caplog.records if r.name == "netserve.systemd"]) == 2
+    assert len([r for r in caplog.records if r.name == "netserve.systemd"]) == 1
 
 
 def test_a_manager_that_stops_reading_costs_a_bounded_wait(
