@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 import netserve
-from tests.conftest import connect, recv_all
+from tests.conftest import Serving, connect, recv_all
+from tests.models import MODELS
 
 
 class Recorder(netserve.TCPServer):
@@ -371,3 +372,30 @@ def test_finish_request_instantiates_as_calling_the_class_does(shape: str) -> No
         outcomes.append(log)
     assert outcomes[0] == outcomes[1]
     assert outcomes[0]  # something happened
+
+
+@pytest.mark.parametrize("model", ["sync", "threading", "forking", "pool"])
+def test_a_process_request_that_handles_the_request_itself_is_counted(model: str) -> None:
+    # The stdlib documents process_request()'s body as finish_request() then
+    # shutdown_request(); a mix-in that overrides it with that body, without
+    # calling netserve's, must not leave the request counted as open for ever
+    # (active stuck above zero, wait_closed() never true).
+    class Echo(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline().upper())
+
+    class Inline:
+        def process_request(self, request: Any, client_address: Any) -> None:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    base = MODELS[model].tcp
+    server = type(f"Inline{base.__name__}", (Inline, base), {})(("127.0.0.1", 0), Echo)
+    with Serving(server) as serving:
+        for word in (b"one", b"two"):
+            with connect(serving.address) as client:
+                client.sendall(word + b"\n")
+                assert recv_all(client) == word.upper() + b"\n"
+        assert server.wait_closed(5), server.statistics()
+        stats = server.statistics()
+    assert (stats.accepted, stats.handled, stats.errors, stats.active) == (2, 2, 0, 0), stats

@@ -99,6 +99,7 @@ class Acceptor:
 
     __slots__ = (
         "_delay",
+        "_foreign_process",
         "_full_since",
         "_log_full",
         "_log_limited",
@@ -122,6 +123,11 @@ class Acceptor:
         self._log_limited = RateLimitedLog(limits_log, logging.INFO, clock=clock)
         sock = getattr(server, "socket", None)
         self._stream = sock is not None and sock.type == socket.SOCK_STREAM
+        # A process_request() of the user's own may handle the request itself
+        # (the stdlib's documented body: finish_request(), shutdown_request())
+        # instead of calling netserve's, which counts it out: see _counted().
+        process = getattr(type(server), "process_request", None)
+        self._foreign_process = not getattr(process, "__module__", "").startswith("netserve.")
         self._delay = 0.0
         self._full_since: float | None = None
         self._reserve: int | None = None
@@ -190,6 +196,8 @@ class Acceptor:
                     server.shutdown_request(request)
                 elif server.verify_request(request, client_address):
                     server.process_request(request, client_address)
+                    if self._foreign_process:
+                        self._counted(request)
                 else:
                     table.refuse(request)
                     server.shutdown_request(request)
@@ -203,6 +211,14 @@ class Acceptor:
                     server.shutdown_request(request)
                 raise
         return None
+
+    def _counted(self, request: Any) -> None:
+        """After a process_request() of the user's own: a connection it closed
+        without netserve's runner (which counts a request out before closing
+        it) was handled there, and is counted out now, or ``active`` and
+        ``wait_closed()`` would wait for it for ever."""
+        if isinstance(request, socket.socket) and request.fileno() == -1:
+            self._server._netserve_table.finish_if_held(request, error=False)
 
     def _admit(self, request: Any, client_address: Any, per_client: int) -> bool:
         """Count a connection against its host's limit; False when it is over

@@ -264,15 +264,18 @@ class ConnectionTable:
         return False
 
     def finish(self, request: Any, outcome: int = HANDLED) -> None:
-        """A request's handler is done (its connection is being shut down)."""
+        """A request's handler is done (its connection is being shut down).
+
+        Once per request: one counted out already is not counted again."""
         with self._lock:
+            # _leave_locked(), without its two calls: this runs for every request.
+            key = id(request)
+            if self._live.pop(key, None) is None:
+                return
             if outcome:
                 self._count_locked(outcome)
             else:
                 self.handled += 1
-            # _leave_locked(), without its two calls: this runs for every request.
-            key = id(request)
-            self._live.pop(key, None)
             if self._host_of:
                 self._forget_host_locked(key)
             active = len(self._live) + self._detached
