@@ -153,6 +153,9 @@ def test_handler_system_exit_is_not_handled() -> None:
         with pytest.raises(SystemExit):
             server.handle_request()
     assert "handle_error" not in server.calls
+    # Counted as an error, as in every model.
+    stats = server.statistics()
+    assert (stats.handled, stats.errors, stats.active) == (1, 1, 0), stats
 
 
 def test_get_request_oserror_skips_the_request() -> None:

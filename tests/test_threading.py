@@ -157,8 +157,11 @@ def test_system_exit_in_a_thread_is_not_handled_and_still_closes(
             server.handle_request()
             assert done.wait(10)
             assert recv_all(client) == b""
+        stats = server.statistics()
     assert seen == []
     assert excepthook_calls == [SystemExit]
+    # Counted as an error, as in every model.
+    assert (stats.handled, stats.errors, stats.active) == (1, 1, 0), stats
 
 
 def test_threading_udp_server_serves_concurrently() -> None:

@@ -664,8 +664,9 @@ class BaseServer:
         whatever happens. ``verify_client()`` runs between the stages and the
         handler (in the error guard), when the class overrides it. Returns the
         outcome (``_connections.HANDLED`` ...); any other BaseException
-        propagates (the model decides what it means, and counts it with
-        ``table.error()`` if it reports it).
+        propagates (the model decides what it means; a ``SystemExit`` is
+        counted here as an error, another with ``table.error()`` if the model
+        reports it).
         """
         # Counted out as what it was accepted as (a stage may replace it).
         original = request if staged is None else staged.sock
@@ -704,6 +705,11 @@ class BaseServer:
                 self.finish_request(request, client_address)
         except Exception as exc:
             outcome = self._netserve_ended_by(exc, request, client_address)
+        except SystemExit:
+            # An error in every model's counts; where it goes from here is the
+            # model's (the stdlib's way for sync, threading and forking).
+            outcome = FAILED
+            raise
         finally:
             # Counted before the peer can see the close: whoever it tells then
             # finds the request counted.
@@ -805,7 +811,8 @@ class BaseServer:
         """A ``SystemExit`` (or another BaseException) that a handler let out, in a
         model whose thread carries on (pool, hub): reported as a request thread
         reports it, through ``threading.excepthook``, counted, and logged."""
-        self._netserve_table.error()
+        if not isinstance(exc, SystemExit):  # the runner counted that one
+            self._netserve_table.error()
         self._netserve_rate_limited("escaped", logger, logging.WARNING).event(
             "a handler raised %s; reported through threading.excepthook, serving goes on",
             type(exc).__name__,
