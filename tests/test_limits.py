@@ -9,6 +9,7 @@ test_hub_limits.py, the per-model fault table with figures in test_abuse.py.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import sys
@@ -85,7 +86,10 @@ def test_park_timeout_reaches_the_handler_of_a_connection_that_never_spoke() -> 
     server.server_close()
 
 
-def test_pool_closes_a_parked_connection_without_taking_a_worker() -> None:
+def test_pool_closes_a_parked_connection_without_taking_a_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="netserve.limits")
     server = make_server("pool", EchoThenWait, park_timeout=0.3)
     with Serving(server), connect(server.server_address) as client:
         assert recv_all(client) == b""
@@ -93,6 +97,10 @@ def test_pool_closes_a_parked_connection_without_taking_a_worker() -> None:
     assert server.seen == []  # no handler ran
     assert (stats.timeouts, stats.park_timeouts, stats.handled) == (1, 1, 0)
     assert stats.timeouts_by_kind == {"park_timeout": 1}
+    # Logged at DEBUG, as every time-out is (docs/limits.md).
+    logged = [r for r in caplog.records if r.name == "netserve.limits"]
+    assert [r.levelno for r in logged] == [logging.DEBUG]
+    assert "park_timeout" in logged[0].getMessage()
     server.server_close()
 
 
@@ -182,6 +190,35 @@ def test_max_connection_age_ends_a_client_that_keeps_trickling(model: str) -> No
             threading.Event().wait(0.1)
     assert closed.is_set()
     assert server.seen == [(netserve.ConnectionTimeout, "max_connection_age")]
+    assert server.statistics().timeouts_by_kind == {"max_connection_age": 1}
+    server.server_close()
+
+
+class OwnLongTimeout(EchoThenWait):
+    timeout = 5.0
+
+
+@pytest.mark.parametrize("model", ["sync", *THREADED])
+def test_max_connection_age_bounds_a_handler_with_a_time_out_of_its_own(model: str) -> None:
+    # A handler's own time-out (StreamRequestHandler.timeout) replaces the idle
+    # and write time-outs, not the age: the connection still ends at its age,
+    # with ConnectionTimeout, while the client trickles well inside both.
+    server = make_server(model, OwnLongTimeout, max_connection_age=0.5)
+    closed = threading.Event()
+    with Serving(server), connect(server.server_address) as client:
+        for _ in range(40):  # at most 4 s: a line every 0.1 s
+            try:
+                client.sendall(b"x\n")
+                if client.recv(10) == b"":
+                    closed.set()
+                    break
+            except ConnectionError:
+                closed.set()
+                break
+            threading.Event().wait(0.1)
+    assert closed.is_set(), "still open long past max_connection_age"
+    assert server.seen == [(netserve.ConnectionTimeout, "max_connection_age")]
+    assert server.reported == []
     assert server.statistics().timeouts_by_kind == {"max_connection_age": 1}
     server.server_close()
 

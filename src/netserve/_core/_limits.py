@@ -23,7 +23,8 @@ A time-out the handler sets itself (``settimeout()``, as
 Python then waits with poll() and raises the stdlib's ``TimeoutError``, which
 reaches ``handle_error()`` as it always did; the kernel's time-outs do not
 apply to a non-blocking socket. The age limit is checked before every call
-and bounds each wait (one ``setsockopt`` per call, only while it is set).
+and bounds each wait (one ``setsockopt`` per call, only while it is set), the
+handler's own time-out included (``AgedSocket``).
 
 The hub's ``GreenSocket`` enforces the same settings on its own waits.
 """
@@ -36,7 +37,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from netserve._core._connections import DISCONNECTED, FAILED, LINE_TOO_LONG, timed_out
 from netserve._core._errors import ConnectionTimeout, LineTooLong
@@ -50,6 +51,8 @@ __all__ = ["AgedSocket", "TimedAccept", "TimedSocket", "Timeouts", "fault_of"]
 
 #: (park, idle, write, age): a new connection's time-outs, in seconds or None.
 Timeouts = tuple[float | None, float | None, float | None, float | None]
+
+_T = TypeVar("_T")
 
 # struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it (time_t, suseconds_t).
 _TIMEVAL = struct.Struct("@ll")
@@ -283,25 +286,61 @@ class _TimedRaw(io.RawIOBase):
 
 
 class AgedSocket(TimedSocket):
-    """A ``TimedSocket`` whose every wait is also bounded by the connection's age."""
+    """A ``TimedSocket`` whose every wait is also bounded by the connection's age.
+
+    A time-out of the handler's own (``settimeout()``) replaces the idle and
+    write time-outs, not the age limit: a wait that the age would end first
+    runs with the age's remaining time, and raises ``ConnectionTimeout`` for it
+    (``max_connection_age`` closes a connection "whatever it does", the
+    slow-client rule's bound; docs/limits.md).
+    """
 
     __slots__ = ()
 
     def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        if self.gettimeout() is not None:
+            return self._ns_within_age(TimedSocket.recv, bufsize, flags)
         self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
         return TimedSocket.recv(self, bufsize, flags)
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
+        if self.gettimeout() is not None:
+            return self._ns_within_age(TimedSocket.recv_into, buffer, nbytes, flags)
         self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
         return TimedSocket.recv_into(self, buffer, nbytes, flags)
 
     def send(self, data: Buffer, flags: int = 0, /) -> int:
+        if self.gettimeout() is not None:
+            return self._ns_within_age(TimedSocket.send, data, flags)
         self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
         return TimedSocket.send(self, data, flags)
 
     def sendall(self, data: Buffer, flags: int = 0, /) -> None:
+        if self.gettimeout() is not None:
+            self._ns_within_age(TimedSocket.sendall, data, flags)
+            return
         self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
         TimedSocket.sendall(self, data, flags)
+
+    def _ns_within_age(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call`` under the handler's own time-out, cut short by the age."""
+        deadline = self._ns_deadline
+        assert deadline is not None  # an AgedSocket has an age limit
+        remaining = deadline - self._ns_clock()
+        if remaining <= 0:
+            raise ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+        own = self.gettimeout()
+        if own is None or own <= remaining:
+            return call(self, *args)  # the handler's time-out comes first
+        self.settimeout(remaining)
+        try:
+            return call(self, *args)
+        except TimeoutError:
+            raise ConnectionTimeout(
+                "the connection reached its maximum age", "max_connection_age"
+            ) from None
+        finally:
+            self.settimeout(own)
 
     # rfile and wfile go through the age bound too.
     _ns_recv_into = recv_into  # type: ignore[assignment]

@@ -83,6 +83,7 @@ else:
     _MixInBase = object
 
 log = get_logger("pool")
+limits_log = get_logger("limits")
 
 # A request for a worker: the request, its client address, and the connection
 # whose stages the loop ran (None when the worker is to run them, or none).
@@ -576,6 +577,10 @@ class ThreadPoolMixIn(_MixInBase):
                 # was busy is not silent: it waits for a worker, no deadline.)
                 self._netserve_unpark(fd)
                 self._netserve_park_timeouts += 1
+                limits_log.debug(
+                    "connection from %s closed: it sent nothing in time (park_timeout)",
+                    parked.client_address,
+                )
                 table.time_out(parked.request)
                 self.shutdown_request(parked.request)
         if not deadlines:
