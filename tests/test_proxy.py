@@ -3,6 +3,7 @@ in every model, with a raw socket client sending v1 and v2 headers."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -421,3 +422,46 @@ def test_a_header_that_never_completes_ends_at_the_stage_deadline(model: str) ->
     stats = server.statistics()
     assert (stats.timeouts, stats.stage_failures, stats.handled, stats.errors) == (1, 0, 0, 0)
     assert stats.timeouts_by_kind == {"stage_timeout": 1}
+
+
+class Holds(netserve.StreamRequestHandler):
+    """Greets the client by the address it sees, then holds the connection."""
+
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(f"hello {self.client_address[0]}\n".encode())
+        self.rfile.readline()
+
+
+@pytest.mark.parametrize("model", ["threading", "forking", "pool", "hub"])  # sync: one at a time
+def test_the_per_client_limit_counts_the_original_client_behind_a_proxy(model: str) -> None:
+    # Every connection comes from the proxy's address; the limit is per client
+    # (issue 11: "the real one once PROXY is in place"). A forking server's
+    # children read the header, so it can only count the proxy's address.
+    server = make(model, max_connections_per_client=2)(("127.0.0.1", 0), Holds)
+    clients: list[socket.socket] = []
+    replies: list[bytes] = []
+    with Serving(server, close=False) as serving:
+        try:
+            for source in ("1.2.3.4", "1.2.3.4", "1.2.3.4", "5.6.7.8"):
+                clients.append(connect(serving.address))
+                clients[-1].sendall(f"PROXY TCP4 {source} 10.0.0.1 1111 80\r\nhi\n".encode())
+                clients[-1].settimeout(5)
+                replies.append(clients[-1].recv(100))
+        finally:
+            for client in clients:
+                # The held ones end on their second line: a forked child holds
+                # copies of the clients made before it, so a close alone would
+                # never reach it as an end of stream.
+                with contextlib.suppress(OSError):
+                    client.sendall(b"bye\n")
+                client.close()
+    server.server_close()
+    stats = server.statistics()
+    if model == "forking":
+        assert replies == [b"hello 1.2.3.4\n", b"hello 1.2.3.4\n", b"", b""]
+        assert (stats.limited, stats.refused) == (2, 2), stats
+    else:
+        assert replies == [b"hello 1.2.3.4\n", b"hello 1.2.3.4\n", b"", b"hello 5.6.7.8\n"]
+        assert (stats.limited, stats.refused) == (1, 1), stats
+    assert (stats.active, server.errors) == (0, []), stats

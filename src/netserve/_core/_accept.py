@@ -167,6 +167,12 @@ class Acceptor:
         limit = server.max_connections if stream else None
         per_client = server.max_connections_per_client if stream else None
         proxy = server._netserve_proxy
+        # Behind the PROXY protocol a client is known only after its header: the
+        # runner counts it then (the limit is per original client, issue 11),
+        # except where requests run in forked children, whose counts the
+        # server never sees: there the proxy's address is what is counted.
+        if per_client is not None and proxy is not None and not server._netserve_forks_requests:
+            per_client = None
         for _ in range(batch):
             if limit is not None and table.active >= limit:
                 return None  # the loop stops watching (see _servers)
@@ -187,7 +193,7 @@ class Acceptor:
             # between: this runs for every connection).
             table.accept(request)
             try:
-                if per_client is not None and not self._admit(request, client_address, per_client):
+                if per_client is not None and not self.admit(request, client_address, per_client):
                     server.shutdown_request(request)
                 elif proxy is not None and not proxy.trusts(client_address):
                     # The PROXY protocol's trusted peers: checked in verify_request's
@@ -220,9 +226,10 @@ class Acceptor:
         if isinstance(request, socket.socket) and request.fileno() == -1:
             self._server._netserve_table.finish_if_held(request, error=False)
 
-    def _admit(self, request: Any, client_address: Any, per_client: int) -> bool:
+    def admit(self, request: Any, client_address: Any, per_client: int) -> bool:
         """Count a connection against its host's limit; False when it is over
-        (the table has counted it out as refused)."""
+        (the table has counted it out as refused). At accept, or after the
+        PROXY header for the original client (``BaseServer``'s runner)."""
         host = client_host(client_address)
         if host is None or self._server._netserve_table.admit(request, host, per_client):
             return True

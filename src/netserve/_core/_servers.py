@@ -171,6 +171,9 @@ class BaseServer:
     # Whether the serving loop runs the handlers itself (the one-at-a-time
     # server); every concurrency mix-in sets it False.
     _netserve_handles_inline: bool = True
+    # Whether requests run in forked children (whose counts reach the server
+    # only through their exit status).
+    _netserve_forks_requests: bool = False
     # Whether this class overrides _netserve_stages(): worked out once per class,
     # so that a server without stages asks for none on every connection.
     _netserve_has_stages: ClassVar[bool] = False
@@ -698,7 +701,13 @@ class BaseServer:
             request, client_address = staged.request, staged.client_address
         outcome = HANDLED
         try:
-            if self._netserve_verifies_client and not self.verify_client(request, client_address):
+            if (
+                self._netserve_proxy is not None
+                and staged is not None
+                and not self._netserve_admit_proxied(original, client_address)
+            ):
+                outcome = REFUSED  # counted as refused and limited by the table
+            elif self._netserve_verifies_client and not self.verify_client(request, client_address):
                 outcome = REFUSED
                 _stage_log.debug("request from %s refused by verify_client()", client_address)
             else:
@@ -719,6 +728,14 @@ class BaseServer:
                 # A stage's socket over the accepted one (TLS) has its own descriptor.
                 staged.sock.close()
         return outcome
+
+    def _netserve_admit_proxied(self, accepted: Any, client_address: _Address) -> bool:
+        """``max_connections_per_client`` for a connection behind the PROXY
+        protocol, counted by its original client once the header is read."""
+        limit = self.max_connections_per_client
+        if limit is None or self._netserve_forks_requests:
+            return True  # no limit, or counted at accept (see _accept)
+        return self._netserve_acceptor().admit(accepted, client_address, limit)
 
     def _netserve_ended_by(
         self, exc: Exception, request: _Request, client_address: _Address

@@ -36,6 +36,7 @@ class ForkingMixIn(_MixInBase):
     """Handle each request in a new child process."""
 
     _netserve_handles_inline = False
+    _netserve_forks_requests = True
 
     # handle_request() waits at most this long, so that children are reaped even
     # on a server driven by handle_request() alone.
