@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import http.client
 import os
+import selectors
 import socket
 import sys
 import threading
@@ -97,6 +98,44 @@ def test_idle_clients_cannot_lock_the_health_checks_out(monkeypatch: pytest.Monk
         finally:
             for client in idle:
                 client.close()
+
+
+def test_a_client_whose_place_was_taken_in_the_same_pass_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One pass of the loop may hold both a new connection and bytes from the
+    # idle client whose place that connection takes: the second event then
+    # finds its client closed, and must not read from it (it raised EBADF, then
+    # ValueError out of the endpoint's loop, killing it).
+    monkeypatch.setattr(_admin, "MAX_CLIENTS", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    admin = AdminEndpoint(listener, ROUTES)
+    address = listener.getsockname()
+    with selectors.DefaultSelector() as selector, connect(address) as idle:
+        admin.attach(selector)
+        try:
+            for key, _ in selector.select(5):  # the idle client's accept
+                key.data(selector, key)
+            with connect(address) as newcomer:
+                idle.sendall(b"GET")
+                ready: list[Any] = []
+                for _ in range(50):  # both events, in one pass (level-triggered)
+                    ready = selector.select(5)
+                    if len(ready) == 2:
+                        break
+                assert len(ready) == 2, "the two events never came together"
+                # The listener first: its accept closes the idle client.
+                ready.sort(key=lambda event: event[0].fileobj is not listener)
+                for key, _ in ready:
+                    key.data(selector, key)
+                assert recv_all(idle) == b""
+                newcomer.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                for key, _ in selector.select(5):
+                    key.data(selector, key)
+                assert recv_all(newcomer).startswith(b"HTTP/1.1 200 ")
+        finally:
+            admin.detach(selector)
+            listener.close()
 
 
 def test_accept_failures_back_off_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:

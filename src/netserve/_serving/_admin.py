@@ -183,6 +183,8 @@ class AdminEndpoint:
 
     def _callback(self, client: _Client) -> Callable[[selectors.BaseSelector, Any], None]:
         def ready(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+            if client.sock.fileno() == -1:
+                return  # closed earlier in this pass of the loop (its place was taken)
             if client.sending is None:
                 self._read(selector, client)
             else:
@@ -246,6 +248,8 @@ class AdminEndpoint:
             self._close(selector, client)
 
     def _close(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        if client.sock.fileno() == -1:
+            return  # closed already
         self._clients.pop(client.sock.fileno(), None)
         selector.unregister(client.sock)
         # Bytes left unread (a request refused as too large) would make the
