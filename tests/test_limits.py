@@ -173,22 +173,26 @@ def test_a_timeout_the_handler_set_is_the_stdlibs_and_reaches_handle_error(model
     server.server_close()
 
 
+def trickle_until_closed(client: socket.socket, lines: int) -> bool:
+    """Send a line every 0.1 s, reading each answer, until the server closes
+    the connection (True) or ``lines`` have gone (False)."""
+    for _ in range(lines):
+        try:
+            client.sendall(b"x\n")
+            if client.recv(10) == b"":
+                return True
+        except ConnectionError:
+            return True
+        threading.Event().wait(0.1)  # the trickle's pace, not a readiness wait
+    return False
+
+
 @pytest.mark.parametrize("model", THREADED)
 def test_max_connection_age_ends_a_client_that_keeps_trickling(model: str) -> None:
     server = make_server(model, EchoThenWait, idle_timeout=5.0, max_connection_age=0.5)
-    closed = threading.Event()
     with Serving(server), connect(server.server_address) as client:
-        for _ in range(100):  # at most 10 s: a line every 0.1 s, well inside idle
-            try:
-                client.sendall(b"x\n")
-                if client.recv(10) == b"":
-                    closed.set()
-                    break
-            except ConnectionError:
-                closed.set()
-                break
-            threading.Event().wait(0.1)
-    assert closed.is_set()
+        closed = trickle_until_closed(client, lines=100)  # a line every 0.1 s, inside idle
+    assert closed
     assert server.seen == [(netserve.ConnectionTimeout, "max_connection_age")]
     assert server.statistics().timeouts_by_kind == {"max_connection_age": 1}
     server.server_close()
@@ -204,19 +208,9 @@ def test_max_connection_age_bounds_a_handler_with_a_time_out_of_its_own(model: s
     # and write time-outs, not the age: the connection still ends at its age,
     # with ConnectionTimeout, while the client trickles well inside both.
     server = make_server(model, OwnLongTimeout, max_connection_age=0.5)
-    closed = threading.Event()
     with Serving(server), connect(server.server_address) as client:
-        for _ in range(40):  # at most 4 s: a line every 0.1 s
-            try:
-                client.sendall(b"x\n")
-                if client.recv(10) == b"":
-                    closed.set()
-                    break
-            except ConnectionError:
-                closed.set()
-                break
-            threading.Event().wait(0.1)
-    assert closed.is_set(), "still open long past max_connection_age"
+        closed = trickle_until_closed(client, lines=40)
+    assert closed, "still open long past max_connection_age"
     assert server.seen == [(netserve.ConnectionTimeout, "max_connection_age")]
     assert server.reported == []
     assert server.statistics().timeouts_by_kind == {"max_connection_age": 1}

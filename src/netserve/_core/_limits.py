@@ -47,12 +47,18 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Buffer
     from _typeshed import WriteableBuffer
 
-__all__ = ["AgedSocket", "TimedAccept", "TimedSocket", "Timeouts", "fault_of"]
+__all__ = ["AgedSocket", "TimedAccept", "TimedSocket", "Timeouts", "age_reached", "fault_of"]
 
 #: (park, idle, write, age): a new connection's time-outs, in seconds or None.
 Timeouts = tuple[float | None, float | None, float | None, float | None]
 
 _T = TypeVar("_T")
+
+
+def age_reached() -> ConnectionTimeout:
+    """What a wait raises once ``max_connection_age`` has passed (thread models)."""
+    return ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+
 
 # struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it (time_t, suseconds_t).
 _TIMEVAL = struct.Struct("@ll")
@@ -137,20 +143,21 @@ class TimedSocket(socket.socket):
     # -- the time-outs -------------------------------------------------------------------
 
     def _ns_bound(self, option: int, limit: float | None) -> None:
-        """Bound the next wait by the age limit too (only while one is set)."""
+        """Bound the next wait by the age limit too (only while one is set; for a
+        socket without a time-out of the handler's own, see ``AgedSocket``)."""
         deadline = self._ns_deadline
-        if deadline is None or self.gettimeout() is not None:
+        if deadline is None:
             return
         remaining = deadline - self._ns_clock()
         if remaining <= 0:
-            raise ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+            raise age_reached()
         bound = remaining if limit is None else min(limit, remaining)
         self.setsockopt(socket.SOL_SOCKET, option, _timeval(bound))
 
     def _ns_expired(self, writing: bool) -> ConnectionTimeout:
         deadline = self._ns_deadline
         if deadline is not None and self._ns_clock() >= deadline:
-            return ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+            return age_reached()
         if writing:
             return ConnectionTimeout(
                 f"the peer read nothing for {self._ns_write} s", "write_timeout"
@@ -298,47 +305,41 @@ class AgedSocket(TimedSocket):
     __slots__ = ()
 
     def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
-        if self.gettimeout() is not None:
-            return self._ns_within_age(TimedSocket.recv, bufsize, flags)
-        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
-        return TimedSocket.recv(self, bufsize, flags)
+        limit = self._ns_park if self._ns_quiet else self._ns_idle
+        return self._ns_aged(TimedSocket.recv, socket.SO_RCVTIMEO, limit, bufsize, flags)
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
-        if self.gettimeout() is not None:
-            return self._ns_within_age(TimedSocket.recv_into, buffer, nbytes, flags)
-        self._ns_bound(socket.SO_RCVTIMEO, self._ns_park if self._ns_quiet else self._ns_idle)
-        return TimedSocket.recv_into(self, buffer, nbytes, flags)
+        limit = self._ns_park if self._ns_quiet else self._ns_idle
+        return self._ns_aged(
+            TimedSocket.recv_into, socket.SO_RCVTIMEO, limit, buffer, nbytes, flags
+        )
 
     def send(self, data: Buffer, flags: int = 0, /) -> int:
-        if self.gettimeout() is not None:
-            return self._ns_within_age(TimedSocket.send, data, flags)
-        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
-        return TimedSocket.send(self, data, flags)
+        return self._ns_aged(TimedSocket.send, socket.SO_SNDTIMEO, self._ns_write, data, flags)
 
     def sendall(self, data: Buffer, flags: int = 0, /) -> None:
-        if self.gettimeout() is not None:
-            self._ns_within_age(TimedSocket.sendall, data, flags)
-            return
-        self._ns_bound(socket.SO_SNDTIMEO, self._ns_write)
-        TimedSocket.sendall(self, data, flags)
+        self._ns_aged(TimedSocket.sendall, socket.SO_SNDTIMEO, self._ns_write, data, flags)
 
-    def _ns_within_age(self, call: Callable[..., _T], *args: Any) -> _T:
-        """``call`` under the handler's own time-out, cut short by the age."""
+    def _ns_aged(self, call: Callable[..., _T], option: int, limit: float | None, *args: Any) -> _T:
+        """``call`` with its wait bounded by the age: the kernel's time-out
+        ``option`` at most ``limit``; or, under a time-out of the handler's own,
+        that time-out cut short by the age."""
+        own = self.gettimeout()
+        if own is None:
+            self._ns_bound(option, limit)
+            return call(self, *args)
         deadline = self._ns_deadline
         assert deadline is not None  # an AgedSocket has an age limit
         remaining = deadline - self._ns_clock()
         if remaining <= 0:
-            raise ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
-        own = self.gettimeout()
-        if own is None or own <= remaining:
+            raise age_reached()
+        if own <= remaining:
             return call(self, *args)  # the handler's time-out comes first
         self.settimeout(remaining)
         try:
             return call(self, *args)
         except TimeoutError:
-            raise ConnectionTimeout(
-                "the connection reached its maximum age", "max_connection_age"
-            ) from None
+            raise age_reached() from None
         finally:
             self.settimeout(own)
 

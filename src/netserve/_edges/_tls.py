@@ -67,6 +67,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netserve._core._errors import ConfigurationError, ConnectionTimeout, TLSHandshakeError
+from netserve._core._limits import age_reached
 from netserve._core._log import RateLimitedLog, get_logger
 from netserve._core._stages import BUSY, DONE, READ, WRITE, Connection, Stage, has_input
 
@@ -580,9 +581,7 @@ class TLSSocket(ssl.SSLSocket):
         if deadline is not None:
             remaining = deadline - self._ns_clock()
             if remaining <= 0:
-                raise ConnectionTimeout(
-                    "the connection reached its maximum age", "max_connection_age"
-                )
+                raise age_reached()
             limit = remaining if limit is None else min(limit, remaining)
         if limit != self._ns_set:
             _settimeout(self, limit)
@@ -591,7 +590,7 @@ class TLSSocket(ssl.SSLSocket):
     def _ns_expired(self, writing: bool) -> ConnectionTimeout:
         deadline = self._ns_deadline
         if deadline is not None and self._ns_clock() >= deadline:
-            return ConnectionTimeout("the connection reached its maximum age", "max_connection_age")
+            return age_reached()
         if writing:
             return ConnectionTimeout(
                 f"the peer read nothing for {self._ns_write} s", "write_timeout"

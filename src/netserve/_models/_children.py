@@ -24,11 +24,26 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
-__all__ = ["Children"]
+__all__ = ["Children", "exit_child"]
+
+
+def exit_child(status: int) -> NoReturn:
+    """End a forked child: never back into the caller's stack or the parent's
+    cleanup (atexit, finalizers), but with what it printed written out
+    (``os._exit`` skips the flush a normal exit does)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
 
 # How long wait_for_one() pauses between looks when it has no pidfd to wait on.
 _NO_PIDFD_PAUSE = 0.05

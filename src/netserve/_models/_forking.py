@@ -17,12 +17,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from netserve._core._connections import FAILED
 from netserve._core._servers import BaseServer
-from netserve._models._children import Children
+from netserve._models._children import Children, exit_child
 
 __all__ = ["ForkingMixIn"]
 
@@ -153,13 +152,7 @@ class ForkingMixIn(_MixInBase):
                 listener.close()
             status = self._netserve_run_request(request, client_address)
         finally:
-            # os._exit skips the flush that a normal exit would do.
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(status)
+            exit_child(status)
 
     def server_close(self) -> None:
         """Close the server, then reap children (waiting if ``block_on_close``).

@@ -96,7 +96,6 @@ import random
 import selectors
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -104,6 +103,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from netserve._models._children import exit_child
 from netserve._serving._admin import AdminEndpoint, Response, text
 from netserve._serving._figures import (
     COUNTERS,
@@ -870,13 +870,7 @@ class Supervisor:
             except BaseException:
                 traceback.print_exc()
             finally:
-                # Never return into the caller's stack in a forked copy of it.
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except Exception:
-                        pass
-                os._exit(code)
+                exit_child(code)  # never back into the caller's stack
         os.close(w)
         os.set_blocking(r, False)
         worker = _Worker(worker_id, pid, r, generation, now, slot=slot)
