@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -387,18 +388,31 @@ def test_a_process_request_that_handles_the_request_itself_is_counted(model: str
         def handle(self) -> None:
             self.wfile.write(self.rfile.readline().upper())
 
+    # The second request's process_request() is held after it closed the
+    # connection: until it returns, the request is still the server's, and
+    # wait_closed() says so (the client's end of stream comes first).
+    held = threading.Event()
+    release = threading.Event()
+
     class Inline:
         def process_request(self, request: Any, client_address: Any) -> None:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
             self.shutdown_request(request)  # type: ignore[attr-defined]
+            if held.is_set():
+                assert release.wait(10)
+            held.set()
 
     base = MODELS[model].tcp
     server = type(f"Inline{base.__name__}", (Inline, base), {})(("127.0.0.1", 0), Echo)
     with Serving(server) as serving:
-        for word in (b"one", b"two"):
-            with connect(serving.address) as client:
-                client.sendall(word + b"\n")
-                assert recv_all(client) == word.upper() + b"\n"
+        try:
+            for word in (b"one", b"two"):
+                with connect(serving.address) as client:
+                    client.sendall(word + b"\n")
+                    assert recv_all(client) == word.upper() + b"\n"
+            assert not server.wait_closed(0.2), server.statistics()
+        finally:
+            release.set()
         assert server.wait_closed(5), server.statistics()
         stats = server.statistics()
     assert (stats.accepted, stats.handled, stats.errors, stats.active) == (2, 2, 0, 0), stats

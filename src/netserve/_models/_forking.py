@@ -116,19 +116,23 @@ class ForkingMixIn(_MixInBase):
         self.close_request(request)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until every child has exited, reaping each; False on time-out."""
-        if not self.active_children:
-            return True
-        children = self._netserve_children()
-        clock = self._netserve_table.clock
+        """Wait until every child has exited, reaping each, and no connection is
+        held in this process (one a ``process_request()`` of the user's own
+        serves without forking is counted out only after it returns); False
+        on time-out."""
+        table = self._netserve_table
+        clock = table.clock
         deadline = None if timeout is None else clock() + timeout
-        while children.pids:
-            remaining = None if deadline is None else deadline - clock()
-            if remaining is not None and remaining <= 0:
-                return False
-            children.wait_for_one(remaining)
-            children.reap()
-        return True
+        if self.active_children:
+            # Reaping counts each child's connection out of the table.
+            children = self._netserve_children()
+            while children.pids:
+                remaining = None if deadline is None else deadline - clock()
+                if remaining is not None and remaining <= 0:
+                    return False
+                children.wait_for_one(remaining)
+                children.reap()
+        return table.wait_idle(None if deadline is None else max(0.0, deadline - clock()))
 
     def abort_connections(self) -> None:
         """SIGTERM every child; SIGKILL those still running ``abort_grace`` later."""
