@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import socket
 import threading
@@ -494,3 +495,48 @@ def test_a_batch_of_accepts_takes_no_more_than_the_queue_has_room_for() -> None:
             server.resume.set()
             for client in [first, *rest]:
                 client.close()
+
+
+def test_connections_served_after_parking_are_not_kept_until_their_park_deadline() -> None:
+    # Each parked connection has an entry in the deadline heap; one handed to
+    # a worker (or closed) must not stay there, with its socket, until its
+    # park_timeout (30 s) passes: under churn that is rate x 30 s of them.
+    # The heap may hold stale entries up to twice the parked connections plus
+    # a slack of 64 (the pool's amortised clean-up): far fewer than the
+    # ``rounds * per_round`` connections that each park here once.
+    rounds, per_round = 20, 20
+
+    class Echo(netserve.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    def request_sockets() -> int:
+        gc.collect()
+        return sum(
+            1
+            for obj in gc.get_objects()
+            if isinstance(obj, socket.socket) and type(obj).__module__.startswith("netserve.")
+        )
+
+    server = netserve.ThreadPoolTCPServer(("127.0.0.1", 0), Echo)
+    with Serving(server) as serving:
+        for _ in range(rounds):
+            silent = [connect(serving.address) for _ in range(per_round)]
+            try:
+                # Served after them, so every one of them was accepted, and,
+                # having sent nothing, parked.
+                with connect(serving.address) as marker:
+                    marker.sendall(b"marker\n")
+                    assert recv_all(marker) == b"marker\n"
+                for client in silent:
+                    client.sendall(b"spoke\n")
+                for client in silent:
+                    assert recv_all(client) == b"spoke\n"
+            finally:
+                for client in silent:
+                    client.close()
+        assert server.wait_closed(10)
+        stats = server.statistics()
+        assert stats.handled == rounds * (per_round + 1), stats
+        # (per_round + 1: the marker may park too, and the entry pushed last.)
+        assert request_sockets() <= 2 * (per_round + 1) + 64

@@ -58,9 +58,11 @@ RSS_BOUND_KIB = 1024
 # ... and may hold at most this many more allocated Python blocks
 # (``sys.getallocatedblocks()``: objects kept, whatever the allocator does
 # with its pages). Measured: within 100 of the first run, every model, but the
-# pool's, whose kept workers (each with its own objects) follow each run's
-# peak concurrency: within 1,400. One traceback kept per raising request is
-# 1,000 tracebacks of several frames each: well over it.
+# pool's: within 450 (its kept workers follow each run's peak concurrency, and
+# its deadline heap keeps up to 64 stale entries). Before the heap dropped its
+# stale entries it held every parked connection's socket until the park
+# deadline, and this bound caught it (2,104 under load). One traceback kept
+# per raising request is 1,000 tracebacks of several frames each: well over it.
 BLOCKS_BOUND = 2_000
 
 

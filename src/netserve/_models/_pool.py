@@ -94,6 +94,8 @@ _PARKED = "netserve-parked"
 _STAGING = "netserve-staging"
 # Connections whose stages are advanced per readiness of their set.
 _STAGE_BATCH = 64
+# Stale entries the deadline heap may hold beyond twice the parked connections.
+_DEADLINE_SLACK = 64
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,8 @@ class _Pool:
                 finally:
                     with self.lock:
                         self.busy -= 1
+                # An idle worker keeps nothing of its last request alive.
+                request = client_address = staged = None
         finally:
             # Only an error in the pool itself ends a worker early. A job queued
             # while this thread still counted as a worker would find no one to
@@ -402,9 +406,22 @@ class ThreadPoolMixIn(_MixInBase):
         sets[parked.conn is not None].register(fd, select.EPOLLIN)
         self._netserve_parked[fd] = parked
         if deadline is not None:
-            heapq.heappush(
-                self._netserve_deadlines, (deadline, next(self._netserve_sequence), parked)
-            )
+            deadlines = self._netserve_deadlines
+            # A connection handed over or closed leaves its entry behind until
+            # its deadline (30 s by default), holding the closed socket: under
+            # churn, rate x park_timeout of them. Past twice the live ones (and
+            # some slack), the stale ones go: amortised O(1) a connection.
+            if len(deadlines) > 2 * len(self._netserve_parked) + _DEADLINE_SLACK:
+                self._netserve_drop_stale_deadlines()
+            heapq.heappush(deadlines, (deadline, next(self._netserve_sequence), parked))
+
+    def _netserve_drop_stale_deadlines(self) -> None:
+        live = self._netserve_parked
+        deadlines = self._netserve_deadlines
+        deadlines[:] = [
+            entry for entry in deadlines if live.get(entry[2].request.fileno()) is entry[2]
+        ]
+        heapq.heapify(deadlines)
 
     def _netserve_unpark(self, fd: int) -> _Parked:
         parked = self._netserve_parked.pop(fd)
