@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import netserve
-from tests.conftest import Serving, connect, recv_all
+from tests.conftest import LogEvent, Serving, connect, recv_all
 
 
 class PidEcho(netserve.StreamRequestHandler):
@@ -230,3 +230,47 @@ def test_children_are_reaped_after_a_non_blocking_close() -> None:
             for pid in pids:  # so that the leak check has nothing to add
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+
+
+def test_at_max_children_the_loop_waits_for_an_exit_and_still_closes_at_once() -> None:
+    # The stdlib's loop waits inside process_request() for a child to exit
+    # when max_children run, so close() (and shutdown()) hung for as long as a
+    # child served. netserve's loop stops accepting instead (the backlog holds
+    # the next client), is woken by a child's exit, and answers a stop at once.
+    class Holding(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"serving\n")
+            # Until the client says so (the children inherit this process's
+            # client sockets, so a close is not an end of stream for them).
+            self.request.sendall(self.request.recv(100))
+
+    class Server(netserve.ForkingTCPServer):
+        max_children = 2
+
+    server = Server(("127.0.0.1", 0), Holding)
+    closer = threading.Thread(target=server.close)
+    with LogEvent("netserve.limits", "(max_children)") as paused, Serving(server) as serving:
+        clients = [connect(serving.address) for _ in range(3)]
+        try:
+            for client in clients[:2]:
+                assert client.recv(100) == b"serving\n"
+            assert paused.event.wait(10)
+            assert paused.messages == ["accepting paused: 2 children running (max_children)"]
+            assert server.statistics().at_limit
+            # The first child's exit lets the third client in.
+            clients[0].sendall(b"done\n")
+            assert clients[0].recv(100) == b"done\n"
+            assert clients[2].recv(100) == b"serving\n"
+            # At the limit again: close() returns while both children serve.
+            closer.start()
+            closer.join(5)
+            assert not closer.is_alive()
+            assert len(server.active_children or ()) == 2
+        finally:
+            for client in clients:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"end\n")
+                client.close()
+            if closer.ident is not None:
+                closer.join(10)
+        assert server.wait_closed(10)

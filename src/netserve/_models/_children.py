@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import sys
 import threading
 import time
@@ -57,6 +58,8 @@ class Children:
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
+        # pid -> pidfd, registered in a serving loop's selector by watch().
+        self._watched: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -113,6 +116,36 @@ class Children:
         finally:
             for fd in pidfds:
                 os.close(fd)
+
+    def watch(self, selector: selectors.BaseSelector, data: object) -> bool:
+        """Have ``selector`` report each child's exit: a pidfd per running child
+        is registered with ``data`` (those of children reaped since are
+        dropped). False where pidfds cannot be had (not Linux, an old kernel,
+        a full descriptor table): the caller must look again on its own."""
+        with self._lock:
+            pids = set(self.pids)
+        for pid in [pid for pid in self._watched if pid not in pids]:
+            self._unwatch_one(selector, pid)
+        for pid in pids.difference(self._watched):
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # reaped by someone else since: not ours to watch
+            except (AttributeError, OSError):
+                return False
+            selector.register(fd, selectors.EVENT_READ, data)
+            self._watched[pid] = fd
+        return True
+
+    def unwatch(self, selector: selectors.BaseSelector) -> None:
+        """Undo ``watch()``: unregister and close every pidfd."""
+        for pid in list(self._watched):
+            self._unwatch_one(selector, pid)
+
+    def _unwatch_one(self, selector: selectors.BaseSelector, pid: int) -> None:
+        fd = self._watched.pop(pid)
+        selector.unregister(fd)
+        os.close(fd)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to every child not yet reaped (a pid is not reused

@@ -1,7 +1,9 @@
 """ForkingMixIn: a child process per request, with the stdlib's semantics.
 
 Hooks overridden: ``process_request`` (forks), ``service_actions`` and
-``handle_timeout`` (reap), ``server_close`` (reap, waiting if ``block_on_close``).
+``handle_timeout`` (reap), ``server_close`` (reap, waiting if ``block_on_close``),
+and the serving loop's (at ``max_children`` it stops accepting and waits for an
+exit on the children's pidfds).
 Attributes read: ``max_children``, ``block_on_close``; ``active_children`` holds
 the pids of the children this server started.
 
@@ -14,16 +16,27 @@ reaps the children still running as they exit.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import selectors
 import signal
 import socket
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from netserve._core._connections import FAILED
+from netserve._core._connections import FAILED, ServerStatistics
+from netserve._core._log import get_logger
 from netserve._core._servers import BaseServer
 from netserve._models._children import Children, exit_child
 
 __all__ = ["ForkingMixIn"]
+
+limits_log = get_logger("limits")
+
+# The selector's data for a child's pidfd (see _netserve_before_wait).
+_CHILD_EXITED = "netserve-child-exited"
+# Without pidfds, how often a loop at max_children looks for exits.
+_NO_PIDFD_PAUSE = 0.05
 
 if TYPE_CHECKING:
     _MixInBase = BaseServer
@@ -90,13 +103,74 @@ class ForkingMixIn(_MixInBase):
         else:
             children.reap()
 
+    # -- the serving loop at max_children ----------------------------------------------
+    # The stdlib's process_request() waits in collect_children() for a child
+    # to exit when max_children run: its loop, and with it shutdown() and
+    # close(), hang for as long as a child serves. serve_forever() here stops
+    # watching the listener instead (the kernel's backlog holds what comes)
+    # and waits on the children's pidfds, so that it still answers a stop at
+    # once. handle_request() keeps the stdlib's wait in process_request().
+
+    def _netserve_children_full(self) -> bool:
+        return self.active_children is not None and len(self.active_children) >= self.max_children
+
+    def _netserve_accept_room(self, batch: int) -> int:
+        # Never more in one batch than may still fork without a wait.
+        running = len(self.active_children) if self.active_children else 0
+        return max(1, min(batch, self.max_children - running))
+
+    def _netserve_accept_allowed(self) -> bool:
+        if self._netserve_children_full():
+            self._netserve_rate_limited("children", limits_log, logging.INFO).event(
+                "accepting paused: %d children running (max_children)", self.max_children
+            )
+            return False
+        return super()._netserve_accept_allowed()
+
+    def _netserve_before_wait(
+        self, selector: selectors.BaseSelector, poll_interval: float | None
+    ) -> float | None:
+        wait = super()._netserve_before_wait(selector, poll_interval)
+        if not self._netserve_children_full():
+            if vars(self).get("_netserve_children_now") is not None:
+                self._netserve_children().unwatch(selector)
+            return wait
+        if self._netserve_children().watch(selector, _CHILD_EXITED):
+            return wait
+        # No pidfds: look for exits again shortly (a pause, never a busy loop).
+        return _NO_PIDFD_PAUSE if wait is None else min(wait, _NO_PIDFD_PAUSE)
+
+    def _netserve_ready(self, key: selectors.SelectorKey) -> None:
+        if key.data is _CHILD_EXITED:
+            self._netserve_children().reap()
+        else:
+            super()._netserve_ready(key)
+
+    def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
+        if vars(self).get("_netserve_children_now") is not None:
+            self._netserve_children().unwatch(selector)
+        super()._netserve_loop_stopped(selector)
+
+    def statistics(self) -> ServerStatistics:
+        """The counters (``ServerStatistics``); ``at_limit`` is also true while
+        ``max_children`` children run (accepting waits for one to exit)."""
+        stats = super().statistics()
+        if self._netserve_children_full() and not stats.at_limit:
+            stats = dataclasses.replace(stats, at_limit=True)
+        return stats
+
     def handle_timeout(self) -> None:
         """Reap finished children."""
         self.collect_children()
 
     def service_actions(self) -> None:
         """Reap finished children on every pass of ``serve_forever()``."""
-        self.collect_children()
+        if self._netserve_children_full():
+            # Without collect_children()'s wait: the loop waits for an exit
+            # itself, and answers a stop meanwhile (see above).
+            self._netserve_children().reap()
+        else:
+            self.collect_children()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Fork; the child handles the request and exits, the parent carries on."""
