@@ -274,3 +274,33 @@ def test_at_max_children_the_loop_waits_for_an_exit_and_still_closes_at_once() -
             if closer.ident is not None:
                 closer.join(10)
         assert server.wait_closed(10)
+
+
+def test_at_max_connections_a_child_exit_resumes_accepting_without_a_poll() -> None:
+    # A child's connection is counted out when the child is reaped: at
+    # max_connections the loop must be woken by the exit itself, or, with
+    # poll_interval None, it would never accept again.
+    class Holding(netserve.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"serving\n")
+            self.request.sendall(self.request.recv(100))
+
+    class Server(netserve.ForkingTCPServer):
+        max_connections = 2
+
+    server = Server(("127.0.0.1", 0), Holding)
+    with Serving(server, poll_interval=None) as serving:
+        clients = [connect(serving.address) for _ in range(3)]
+        try:
+            for client in clients[:2]:
+                assert client.recv(100) == b"serving\n"
+            clients[0].sendall(b"done\n")
+            assert clients[0].recv(100) == b"done\n"
+            clients[2].settimeout(10)
+            assert clients[2].recv(100) == b"serving\n"
+        finally:
+            for client in clients:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"end\n")
+                client.close()
+        assert server.wait_closed(10)

@@ -109,10 +109,22 @@ class ForkingMixIn(_MixInBase):
     # close(), hang for as long as a child serves. serve_forever() here stops
     # watching the listener instead (the kernel's backlog holds what comes)
     # and waits on the children's pidfds, so that it still answers a stop at
-    # once. handle_request() keeps the stdlib's wait in process_request().
+    # once; likewise at max_connections. handle_request() keeps the stdlib's
+    # wait in process_request().
 
     def _netserve_children_full(self) -> bool:
         return self.active_children is not None and len(self.active_children) >= self.max_children
+
+    def _netserve_waits_for_children(self) -> bool:
+        """Whether accepting waits for a child to exit: at ``max_children``, or
+        at ``max_connections`` (a child's connection is counted out when it is
+        reaped, so its exit must wake the loop, whatever ``poll_interval``)."""
+        if not self.active_children:
+            return False
+        limit = self.max_connections
+        return self._netserve_children_full() or (
+            limit is not None and self._netserve_table.active >= limit
+        )
 
     def _netserve_accept_room(self, batch: int) -> int:
         # Never more in one batch than may still fork without a wait.
@@ -131,7 +143,7 @@ class ForkingMixIn(_MixInBase):
         self, selector: selectors.BaseSelector, poll_interval: float | None
     ) -> float | None:
         wait = super()._netserve_before_wait(selector, poll_interval)
-        if not self._netserve_children_full():
+        if not self._netserve_waits_for_children():
             if vars(self).get("_netserve_children_now") is not None:
                 self._netserve_children().unwatch(selector)
             return wait
