@@ -340,3 +340,24 @@ def test_server_close_serves_a_parked_connection_that_already_spoke(model: str) 
         server.server_close()
         assert read_until_closed(client) == b"X\n"
     assert server.statistics().handled == 1
+
+
+@pytest.mark.parametrize("model", sorted(PARKING))
+def test_abort_ends_parked_connections_while_the_loop_serves(model: str) -> None:
+    # drain() calls abort_connections() at its deadline with the loop still
+    # running: a parked (silent) connection must end then too, not only at
+    # close() (the hub left it, so drain() ran on to the park timeout).
+    server = MODELS[model].tcp(("127.0.0.1", 0), Chat)
+    with Serving(server) as serving, connect(serving.address) as silent:
+        # Served after it, so the silent one was accepted, and parked.
+        with connect(serving.address) as marker:
+            marker.sendall(b"marker\n")
+            assert marker.recv(100) == b"MARKER\n"
+            assert server.statistics().parked == 1
+            server.abort_connections()
+            assert server.wait_closed(10), server.statistics()
+        assert read_until_closed(silent) == b""
+        # Counted once: refused (the hub closes it), or handled (the pool's
+        # shut-down socket reads as an end of stream, which a worker takes).
+        stats = server.statistics()
+        assert (stats.parked, stats.active, stats.handled + stats.refused) == (0, 0, 2), stats

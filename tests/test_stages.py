@@ -144,6 +144,36 @@ def test_a_stalled_stage_does_not_delay_another_client(model: str) -> None:
         stalled.shutdown(socket.SHUT_WR)
 
 
+@pytest.mark.parametrize("model", ["sync", "threading", "pool", "hub"])
+def test_abort_connections_ends_a_connection_stalled_in_its_stage(model: str) -> None:
+    # The hub ended its handlers' greenlets, but one in a stage was neither
+    # closed nor counted out: it stayed open past server_close(), for good.
+    # (Forking: the child runs the stage, and SIGTERM ends it: test_closing.)
+    waiting = threading.Event()
+
+    class Stalled(FromHeader):
+        def advance(self, conn: Connection) -> int:
+            outcome = super().advance(conn)
+            if outcome == READ:
+                waiting.set()
+            return outcome
+
+    class StalledMixIn:
+        def _netserve_stages(self) -> list[Stage]:
+            return [Stalled(), *super()._netserve_stages()]  # type: ignore[misc]
+
+    server = server_with(StalledMixIn, model, Report)
+    with Serving(server) as serving, connect(serving.address) as stalled:
+        stalled.sendall(b"FROM 10.0.0")  # and nothing more: the stage waits
+        assert waiting.wait(10)
+        server.abort_connections()
+        assert server.wait_closed(10), server.statistics()
+        assert recv_all(stalled) == b""
+        stats = server.statistics()
+        assert (stats.stage_failures, stats.handled, stats.active) == (1, 0, 0), stats
+    assert server.errors == []
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_the_stage_deadline_ends_a_stalled_stage(model: str) -> None:
     server = server_with(FromHeaderMixIn, model, Report, stage_timeout=0.3)

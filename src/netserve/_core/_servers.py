@@ -686,8 +686,13 @@ class BaseServer:
                 except Exception:
                     return self._netserve_stage_bug(staged)
                 except BaseException:
-                    if staged.holder is not None:  # ended (the hub's abort): the slot back
+                    # Ended from outside (the hub's abort_connections(), an
+                    # interrupt): the slot back, counted and closed as a failed
+                    # stage, then on its way.
+                    if staged.holder is not None:
                         staged.holder.abandon(staged, None)
+                    self._netserve_table.stage_failed(staged.sock, timed_out=False)
+                    self._netserve_close_staged(staged)
                     raise
         elif staged is None and self._netserve_proxy is not None:
             # A datagram behind a proxy: its own header first (see _proxy).

@@ -616,11 +616,15 @@ class GreenMixIn(_MixInBase):
 
     def abort_connections(self) -> None:
         """End every handler's greenlet with ``GreenletExit`` (their ``finally``
-        blocks and ``finish()`` run; the requests are shut down)."""
+        blocks and ``finish()`` run; the requests are shut down), and close the
+        parked connections (counted as refused)."""
         if self._green_hub.thread is not None:
             self._green_hub.run_sync(self._green_abort_on_hub)
 
     def _green_abort_on_hub(self) -> None:
+        for sock in list(self._green_parked):
+            self._netserve_table.refuse(sock)
+            self._green_unpark(sock)
         current = getcurrent()
         for child in list(self._green_greenlets):
             if child is not current:
