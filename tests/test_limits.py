@@ -150,6 +150,11 @@ def test_write_timeout_ends_a_reply_to_a_peer_that_does_not_read(model: str) -> 
         server.service_actions = lambda: server.seen and done.set()
         # The client reads nothing until the server gave up on it.
         assert done.wait(10)
+        assert server.wait_closed(10)
+        # What it did not read is dropped with a reset: a peer must not take
+        # the cut reply, ended by a normal end of stream, for a whole one.
+        with pytest.raises(ConnectionResetError):
+            recv_all(client)
     assert server.seen == [(netserve.ConnectionTimeout, "write_timeout")]
     assert server.reported == []
     server.server_close()

@@ -94,6 +94,25 @@ def fault_of(exc: BaseException) -> int:
     return FAILED
 
 
+# struct linger {l_onoff = 1, l_linger = 0}: close() resets the connection.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def discard_unsent(sock: object) -> None:
+    """Make the coming close of ``sock`` a reset that drops what the peer has
+    not read (``SO_LINGER`` on, zero seconds). After a write time-out the
+    reply is cut anyway: a plain close would leave the kernel sending the
+    rest (megabytes) to a peer that does not read, and the peer would take
+    the cut reply, ended by a normal end of stream, for a whole one."""
+    # A socket, or the hub's TLS stream, which passes it to its socket.
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is not None:
+        try:
+            setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # closed already, or not a TCP socket: nothing is queued to drop
+
+
 class TimedSocket(socket.socket):
     """A connected stream socket whose blocking calls time out as the server says.
 

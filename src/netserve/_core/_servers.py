@@ -61,8 +61,8 @@ from netserve._core._connections import (
     outcome_base,
 )
 from netserve._core._connections import timed_out as timeout_outcome
-from netserve._core._errors import ConfigurationError, StageError
-from netserve._core._limits import Timeouts, fault_of
+from netserve._core._errors import ConfigurationError, ConnectionTimeout, StageError
+from netserve._core._limits import Timeouts, discard_unsent, fault_of
 from netserve._core._log import RateLimitedLog, get_logger
 from netserve._core._loop import StopControl, drain
 from netserve._core._stages import Connection, Stage, check_deadline, run_stages
@@ -752,6 +752,8 @@ class BaseServer:
         peer is not a bug in the server. Everything else is ``handle_error()``'s.
         """
         outcome = fault_of(exc)
+        if isinstance(exc, ConnectionTimeout) and exc.setting == "write_timeout":
+            discard_unsent(request)
         if outcome_base(outcome) != TIMED_OUT and (
             outcome == FAILED or self.client_faults_are_errors
         ):
