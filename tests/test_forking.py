@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import selectors
 import socket
 import threading
 import time
@@ -304,3 +305,47 @@ def test_at_max_connections_a_child_exit_resumes_accepting_without_a_poll() -> N
                     client.sendall(b"end\n")
                 client.close()
         assert server.wait_closed(10)
+
+
+def _exited_child() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_watching_children_closes_every_pidfd_and_survives_a_foreign_reap() -> None:
+    # The pidfds a serving loop watches at max_children (_children.Children):
+    # a pid reaped by someone else is not watched (nothing would wake for it:
+    # the loop must look again on its own), an exited child's pidfd is dropped
+    # at the next watch, and unwatch() closes every pidfd, even against a
+    # selector that never held it (a loop that left without unwatch()).
+    from netserve._models._children import Children
+
+    exits: list[tuple[int, int]] = []
+    before = _open_fds()
+    foreign, ours = _exited_child(), _exited_child()
+    os.waitpid(foreign, 0)  # reaped behind the owner's back
+    children = Children({foreign}, lambda pid, code: exits.append((pid, code)))
+    with selectors.DefaultSelector() as selector:
+        assert not children.watch(selector, "exit")
+        children.reap()  # forgets it
+        assert children.pids == set()
+        children.add(ours)
+        assert children.watch(selector, "exit")
+        [(key, _)] = selector.select(10)  # the exit makes the pidfd readable
+        children.exited(key.fd)
+        assert exits == [(foreign, 0), (ours, 0)]
+        assert children.watch(selector, "exit")  # drops the readable pidfd
+        assert len(selector.get_map()) == 0
+    other = _exited_child()
+    children.add(other)
+    with selectors.DefaultSelector() as first, selectors.DefaultSelector() as second:
+        assert children.watch(first, "exit")
+        children.unwatch(second)
+    children.reap_all()
+    assert _open_fds() - before == set()

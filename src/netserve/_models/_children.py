@@ -58,8 +58,10 @@ class Children:
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
-        # pid -> pidfd, registered in a serving loop's selector by watch().
+        # pid -> pidfd, registered in a serving loop's selector by watch(); the
+        # pidfds seen readable since (see exited()).
         self._watched: dict[int, int] = {}
+        self._exited: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -124,27 +126,40 @@ class Children:
         a full descriptor table): the caller must look again on its own."""
         with self._lock:
             pids = set(self.pids)
-        for pid in [pid for pid in self._watched if pid not in pids]:
+        exited, self._exited = self._exited, set()
+        for pid in [p for p, fd in self._watched.items() if p not in pids or fd in exited]:
             self._unwatch_one(selector, pid)
         for pid in pids.difference(self._watched):
             try:
                 fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue  # reaped by someone else since: not ours to watch
             except (AttributeError, OSError):
+                # No pidfd; or the pid was reaped by someone else (a SIGCHLD
+                # set to SIG_IGN): nothing would wake for it, and the caller's
+                # next reap() forgets it.
                 return False
+            self._watched[pid] = fd  # first: closed by unwatch() whatever follows
             selector.register(fd, selectors.EVENT_READ, data)
-            self._watched[pid] = fd
         return True
+
+    def exited(self, fd: int) -> None:
+        """A watched pidfd became readable: reap. The next ``watch()`` drops
+        that pidfd (it stays readable, and its pid, once reaped, may come back
+        as another child of ours)."""
+        self.reap()
+        self._exited.add(fd)
 
     def unwatch(self, selector: selectors.BaseSelector) -> None:
         """Undo ``watch()``: unregister and close every pidfd."""
+        self._exited.clear()
         for pid in list(self._watched):
             self._unwatch_one(selector, pid)
 
     def _unwatch_one(self, selector: selectors.BaseSelector, pid: int) -> None:
         fd = self._watched.pop(pid)
-        selector.unregister(fd)
+        try:
+            selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass  # never registered there (a loop that left without unwatch())
         os.close(fd)
 
     def signal(self, signum: int) -> None:

@@ -154,7 +154,7 @@ class ForkingMixIn(_MixInBase):
 
     def _netserve_ready(self, key: selectors.SelectorKey) -> None:
         if key.data is _CHILD_EXITED:
-            self._netserve_children().reap()
+            self._netserve_children().exited(key.fd)
         else:
             super()._netserve_ready(key)
 
