@@ -233,22 +233,33 @@ def test_children_are_reaped_after_a_non_blocking_close() -> None:
                     os.waitpid(pid, 0)
 
 
+class ServesUntilTold(netserve.BaseRequestHandler):
+    """Says it serves, then holds until the client sends something, and echoes
+    it. (Not until EOF: the children inherit this process's client sockets, so
+    a close is not an end of stream for them.)"""
+
+    def handle(self) -> None:
+        self.request.sendall(b"serving\n")
+        self.request.sendall(self.request.recv(100))
+
+
+def end_held(clients: list[socket.socket]) -> None:
+    """Tell every held child to end, and close the clients."""
+    for client in clients:
+        with contextlib.suppress(OSError):
+            client.sendall(b"end\n")
+        client.close()
+
+
 def test_at_max_children_the_loop_waits_for_an_exit_and_still_closes_at_once() -> None:
     # The stdlib's loop waits inside process_request() for a child to exit
     # when max_children run, so close() (and shutdown()) hung for as long as a
     # child served. netserve's loop stops accepting instead (the backlog holds
     # the next client), is woken by a child's exit, and answers a stop at once.
-    class Holding(netserve.BaseRequestHandler):
-        def handle(self) -> None:
-            self.request.sendall(b"serving\n")
-            # Until the client says so (the children inherit this process's
-            # client sockets, so a close is not an end of stream for them).
-            self.request.sendall(self.request.recv(100))
-
     class Server(netserve.ForkingTCPServer):
         max_children = 2
 
-    server = Server(("127.0.0.1", 0), Holding)
+    server = Server(("127.0.0.1", 0), ServesUntilTold)
     closer = threading.Thread(target=server.close)
     with LogEvent("netserve.limits", "(max_children)") as paused, Serving(server) as serving:
         clients = [connect(serving.address) for _ in range(3)]
@@ -268,10 +279,7 @@ def test_at_max_children_the_loop_waits_for_an_exit_and_still_closes_at_once() -
             assert not closer.is_alive()
             assert len(server.active_children or ()) == 2
         finally:
-            for client in clients:
-                with contextlib.suppress(OSError):
-                    client.sendall(b"end\n")
-                client.close()
+            end_held(clients)
             if closer.ident is not None:
                 closer.join(10)
         assert server.wait_closed(10)
@@ -281,15 +289,10 @@ def test_at_max_connections_a_child_exit_resumes_accepting_without_a_poll() -> N
     # A child's connection is counted out when the child is reaped: at
     # max_connections the loop must be woken by the exit itself, or, with
     # poll_interval None, it would never accept again.
-    class Holding(netserve.BaseRequestHandler):
-        def handle(self) -> None:
-            self.request.sendall(b"serving\n")
-            self.request.sendall(self.request.recv(100))
-
     class Server(netserve.ForkingTCPServer):
         max_connections = 2
 
-    server = Server(("127.0.0.1", 0), Holding)
+    server = Server(("127.0.0.1", 0), ServesUntilTold)
     with Serving(server, poll_interval=None) as serving:
         clients = [connect(serving.address) for _ in range(3)]
         try:
@@ -300,10 +303,7 @@ def test_at_max_connections_a_child_exit_resumes_accepting_without_a_poll() -> N
             clients[2].settimeout(10)
             assert clients[2].recv(100) == b"serving\n"
         finally:
-            for client in clients:
-                with contextlib.suppress(OSError):
-                    client.sendall(b"end\n")
-                client.close()
+            end_held(clients)
         assert server.wait_closed(10)
 
 

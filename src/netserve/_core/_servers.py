@@ -687,12 +687,8 @@ class BaseServer:
                     return self._netserve_stage_bug(staged)
                 except BaseException:
                     # Ended from outside (the hub's abort_connections(), an
-                    # interrupt): the slot back, counted and closed as a failed
-                    # stage, then on its way.
-                    if staged.holder is not None:
-                        staged.holder.abandon(staged, None)
-                    self._netserve_table.stage_failed(staged.sock, timed_out=False)
-                    self._netserve_close_staged(staged)
+                    # interrupt): a failed stage, then on its way.
+                    self._netserve_drop_staged(staged, None)
                     raise
         elif staged is None and self._netserve_proxy is not None:
             # A datagram behind a proxy: its own header first (see _proxy).
@@ -805,28 +801,29 @@ class BaseServer:
         """A connection's stages failed: counted, logged quietly, closed; never
         ``handle_error()`` (a bad or slow peer is not a bug in the server)."""
         timed_out = isinstance(exc, TimeoutError)
-        if conn.holder is not None:
-            conn.holder.abandon(conn, exc)
-        self._netserve_table.stage_failed(conn.sock, timed_out=timed_out)
         _stage_log.debug(
             "connection from %s closed in stage %d: %r", conn.client_address, conn.stage, exc
         )
-        self._netserve_close_staged(conn)
+        self._netserve_drop_staged(conn, exc, timed_out=timed_out)
         return _STAGE_TIMED_OUT if timed_out else STAGE_FAILED
 
     def _netserve_stage_bug(self, conn: Connection) -> int:
         """A stage raised something other than a failure: a bug in the server,
         reported through ``handle_error()`` as a handler's would be."""
         self.handle_error(conn.request, conn.client_address)
-        if conn.holder is not None:
-            conn.holder.abandon(conn, None)
-        table = self._netserve_table
-        table.stage_failed(conn.sock, timed_out=False)
-        table.error()
-        self._netserve_close_staged(conn)
+        self._netserve_table.error()
+        self._netserve_drop_staged(conn, None)
         return STAGE_FAILED
 
-    def _netserve_close_staged(self, conn: Connection) -> None:
+    def _netserve_drop_staged(
+        self, conn: Connection, exc: BaseException | None, *, timed_out: bool = False
+    ) -> None:
+        """A connection that leaves in its stages: its stage's slot given back
+        (``exc``: what its stage should report, None for nothing), counted as
+        a failed stage, then closed."""
+        if conn.holder is not None:
+            conn.holder.abandon(conn, exc)
+        self._netserve_table.stage_failed(conn.sock, timed_out=timed_out)
         self.shutdown_request(conn.request)
         if conn.request is not conn.sock:
             self.shutdown_request(conn.sock)

@@ -144,8 +144,7 @@ class ForkingMixIn(_MixInBase):
     ) -> float | None:
         wait = super()._netserve_before_wait(selector, poll_interval)
         if not self._netserve_waits_for_children():
-            if vars(self).get("_netserve_children_now") is not None:
-                self._netserve_children().unwatch(selector)
+            self._netserve_unwatch_children(selector)
             return wait
         if self._netserve_children().watch(selector, _CHILD_EXITED):
             return wait
@@ -159,9 +158,13 @@ class ForkingMixIn(_MixInBase):
             super()._netserve_ready(key)
 
     def _netserve_loop_stopped(self, selector: selectors.BaseSelector) -> None:
-        if vars(self).get("_netserve_children_now") is not None:
-            self._netserve_children().unwatch(selector)
+        self._netserve_unwatch_children(selector)
         super()._netserve_loop_stopped(selector)
+
+    def _netserve_unwatch_children(self, selector: selectors.BaseSelector) -> None:
+        children: Children | None = vars(self).get("_netserve_children_now")
+        if children is not None:
+            children.unwatch(selector)
 
     def statistics(self) -> ServerStatistics:
         """The counters (``ServerStatistics``); ``at_limit`` is also true while

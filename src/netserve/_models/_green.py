@@ -611,8 +611,11 @@ class GreenMixIn(_MixInBase):
                 sock.hub_reader = None
                 starter.switch()
             else:
-                self._netserve_table.refuse(sock)
-                self._green_unpark(sock)
+                self._green_refuse_parked(sock)
+
+    def _green_refuse_parked(self, sock: GreenSocket) -> None:
+        self._netserve_table.refuse(sock)
+        self._green_unpark(sock)
 
     def abort_connections(self) -> None:
         """End every handler's greenlet with ``GreenletExit`` (their ``finally``
@@ -623,8 +626,7 @@ class GreenMixIn(_MixInBase):
 
     def _green_abort_on_hub(self) -> None:
         for sock in list(self._green_parked):
-            self._netserve_table.refuse(sock)
-            self._green_unpark(sock)
+            self._green_refuse_parked(sock)
         current = getcurrent()
         for child in list(self._green_greenlets):
             if child is not current:
